@@ -1,0 +1,33 @@
+# The two commands: `make demo` (the main job) and `make test` (the test suite).
+# Each works on a fresh machine: creates .venv, installs a CPU torch first when none is present
+# (never a bare `torch`, which pulls a multi-GB CUDA build), installs the project, runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.anchorcontext-installed
+
+.PHONY: venv demo test bench gpu-check lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m anchorcontext train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention.py $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check anchorcontext tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

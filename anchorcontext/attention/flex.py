@@ -1,0 +1,96 @@
+"""FlexAttention backend: a BlockMask built once per batch from the layout, shared by all layers.
+
+The BlockMask is cached on the ``AnchorLayout`` (keyed by sliding window and device), so every layer
+of a forward (and the backward) reuses it; a new layout at the same length does not recompile.
+``softcap`` goes through a ``score_mod``. CPU: forward only (torch has no FlexAttention backward on
+CPU); a clear error is raised when gradients are needed there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._common import check_options, check_qkv, default_scaling
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _mask_mod(doc_ids: torch.Tensor, mask: str, window: int | None):
+    doc = doc_ids
+    if window is not None and mask == "anchor":
+        B, L = doc.shape
+        idx = torch.arange(L, device=doc.device).expand(B, L)
+        new = torch.ones_like(doc, dtype=torch.bool)
+        new[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        local = idx - start + 1
+    else:
+        local = None
+
+    def mask_mod(b, h, q, k):
+        allowed = k <= q
+        if mask != "full":
+            same = doc[b, q] == doc[b, k]
+            if mask == "anchor":
+                same = same | ((k == 0) & (doc[b, q] >= 0))
+            allowed = allowed & same
+        if window is not None:
+            in_win = (q - k) < window
+            if mask == "anchor":
+                anchor_key = (k == 0) & (doc[b, q] > 0)
+                in_win = torch.where(anchor_key, local[b, q] < window, in_win)
+            allowed = allowed & in_win
+        return allowed
+
+    mask_mod.__name__ = f"{mask}_mask" + ("" if window is None else f"_window{window}")
+    return mask_mod
+
+
+def block_mask_for(layout, sliding_window=None, device=None):
+    """The (cached) BlockMask for ``layout`` on ``device``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device or layout.doc_ids.device)
+    key = ("flex_block_mask", sliding_window, str(device))
+    bm = layout._cache.get(key)
+    if bm is None:
+        doc = layout.doc_ids.to(device)
+        B, L = doc.shape
+        bm = create_block_mask(_mask_mod(doc, layout.mask, sliding_window), B, None, L, L, device=device)
+        layout._cache[key] = bm
+    return bm
+
+
+def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
+    """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
+    B, H, Hkv, L, D = check_qkv(query, key, value, layout)
+    check_options(softcap, sliding_window, dropout)
+    if dropout:
+        raise ValueError(f"dropout={dropout} is not supported by the 'flex' backend; use 'sdpa' or 'varlen'")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cpu" and needs_grad:
+        raise ValueError(
+            "backend='flex' has no backward on CPU (torch FlexAttention is forward-only there); "
+            "use backend='sdpa' for CPU training, or run under torch.no_grad()"
+        )
+    window = None if sliding_window is None else int(sliding_window)
+    bm = block_mask_for(layout, window, query.device)
+    score_mod = None
+    if softcap is not None:
+        cap = float(softcap)
+
+        def score_mod(score, b, h, q, k):
+            return cap * torch.tanh(score / cap)
+
+    out = _compiled_flex()(
+        query, key, value, score_mod=score_mod, block_mask=bm, scale=default_scaling(scaling, D),
+        enable_gqa=Hkv != H,
+    )
+    return out.transpose(1, 2)

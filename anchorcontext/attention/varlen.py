@@ -1,0 +1,114 @@
+"""Varlen backend: flash-attn's ``flash_attn_varlen_func`` or torch's ``varlen_attn`` on gathered K/V.
+
+Queries are flattened to ``(B*L, H, D)``. In anchor mode K/V are gathered with ``layout.kv_index``
+(``(total_k,)``), so each document's key segment is ``[anchor] + document`` and
+``cu_seqlens_k != cu_seqlens_q``; both kernels align causal masks bottom-right, so query ``i`` sees the
+anchor plus the document's tokens ``0..i``. ``index_select``'s backward sums the anchor's gradient
+over documents. Sliding window ``W`` maps to flash-attn's ``window_size=(W - 1, 0)`` in the local
+frame of ``[anchor] + document`` (the convention :func:`anchorcontext.layout.dense_mask` specifies).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from ._common import check_options, check_qkv, default_scaling
+
+logger = logging.getLogger(__name__)
+
+# Tests may set this to a stand-in with flash-attn's documented semantics (see tests/flash_standin.py).
+_KERNEL_OVERRIDE = None
+
+
+def flash_attn_func():
+    """flash-attn's ``flash_attn_varlen_func`` or ``None`` (with the reason) when not importable."""
+    if _KERNEL_OVERRIDE is not None:
+        return _KERNEL_OVERRIDE, "override"
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as e:  # ImportError, or a broken CUDA build
+        return None, f"flash-attn not importable ({type(e).__name__}: {e})"
+    return flash_attn_varlen_func, "flash_attn"
+
+
+def torch_varlen_func():
+    """torch's ``varlen_attn`` or ``None`` with the reason."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception as e:
+        return None, f"torch.nn.attention.varlen.varlen_attn unavailable in torch {torch.__version__} ({e})"
+    return varlen_attn, "torch"
+
+
+def unavailable_reason(device: torch.device, softcap=None, dropout=0.0) -> str | None:
+    """Why the varlen backend cannot run here (``None`` when it can)."""
+    fn, why = flash_attn_func()
+    if fn is not None and (device.type == "cuda" or _KERNEL_OVERRIDE is not None):
+        return None
+    if device.type != "cuda":
+        return f"varlen needs CUDA tensors ({why}; device is {device.type})"
+    tfn, twhy = torch_varlen_func()
+    if tfn is None:
+        return f"{why}; {twhy}"
+    if softcap is not None:
+        return "torch varlen_attn has no softcap (install flash-attn for it)"
+    if dropout:
+        return "torch varlen_attn has no dropout (install flash-attn for it)"
+    return None
+
+
+def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, H, Hkv):
+    params = inspect.signature(fn).parameters
+    kw = {"scale": scale}
+    win = (-1, 0) if window is None else (window - 1, 0)
+    if "window_size" in params:
+        kw["window_size"] = win
+        if "is_causal" in params:
+            kw["is_causal"] = True
+    else:
+        if window is not None:
+            raise ValueError(f"torch {torch.__version__} varlen_attn has no window_size: sliding_window={window} unsupported")
+        kw["is_causal"] = True
+    if Hkv != H:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
+    """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
+    B, H, Hkv, L, D = check_qkv(query, key, value, layout)
+    check_options(softcap, sliding_window, dropout)
+    layout = layout.to(query.device)
+    scale = default_scaling(scaling, D)
+    window = None if sliding_window is None else int(sliding_window)
+    q = query.transpose(1, 2).reshape(B * L, H, D)
+    k = key.transpose(1, 2).reshape(B * L, Hkv, D)
+    v = value.transpose(1, 2).reshape(B * L, Hkv, D)
+    if layout.kv_index is not None:
+        k = k.index_select(0, layout.kv_index)
+        v = v.index_select(0, layout.kv_index)
+    fa, why = flash_attn_func()
+    if fa is not None and (query.device.type == "cuda" or _KERNEL_OVERRIDE is not None):
+        out = fa(
+            q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
+            dropout_p=dropout, softmax_scale=scale, causal=True,
+            window_size=(-1, -1) if window is None else (window - 1, 0),
+            softcap=0.0 if softcap is None else float(softcap),
+        )
+    else:
+        reason = unavailable_reason(query.device, softcap, dropout)
+        if reason is not None:
+            raise ValueError(f"backend='varlen' cannot run: {reason}")
+        tfn, _ = torch_varlen_func()
+        out = _torch_varlen_call(
+            tfn, q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
+            scale=scale, window=window, H=H, Hkv=Hkv,
+        )
+    return out.reshape(B, L, H, D)
