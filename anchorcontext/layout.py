@@ -189,17 +189,21 @@ class AnchorLayout:
             seg_anchor=tuple(bool(x) for x in seg_anchor),
         )
 
-    def to(self, device: torch.device | str) -> "AnchorLayout":
-        """The same layout with its tensors on ``device`` (host lists are shared)."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "AnchorLayout":
+        """The same layout with its tensors on ``device`` (host lists are shared; the copy is cached, so
+        per-layer calls after the first are free). Accelerate's ``send_to_device`` calls this."""
         device = torch.device(device)
-        if self.doc_ids.device == device:
+        if self.doc_ids.device == device or (device.index is None and self.doc_ids.device.type == device.type):
             return self
-        return AnchorLayout(
-            doc_ids=self.doc_ids.to(device, non_blocking=True),
+        cached = self._cache.get(("to", str(device)))
+        if cached is not None:
+            return cached
+        moved = AnchorLayout(
+            doc_ids=self.doc_ids.to(device, non_blocking=non_blocking),
             mask=self.mask,
-            cu_seqlens_q=self.cu_seqlens_q.to(device, non_blocking=True),
-            cu_seqlens_k=self.cu_seqlens_k.to(device, non_blocking=True),
-            kv_index=None if self.kv_index is None else self.kv_index.to(device, non_blocking=True),
+            cu_seqlens_q=self.cu_seqlens_q.to(device, non_blocking=non_blocking),
+            cu_seqlens_k=self.cu_seqlens_k.to(device, non_blocking=non_blocking),
+            kv_index=None if self.kv_index is None else self.kv_index.to(device, non_blocking=non_blocking),
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_k=self.max_seqlen_k,
             seqlens_q=self.seqlens_q,
@@ -207,6 +211,8 @@ class AnchorLayout:
             seg_row=self.seg_row,
             seg_anchor=self.seg_anchor,
         )
+        self._cache[("to", str(device))] = moved
+        return moved
 
     def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """``(B, L, L)`` bool mask, True = may attend. For the reference and tests only (O(L^2))."""

@@ -1,0 +1,267 @@
+"""Packing: tokenized documents -> rows of exactly ``seq_len`` tokens with one shared anchor.
+
+Each row is ``[anchor] + doc_a + doc_b + ... (+ padding)``. The anchor is the tokenizer's BOS (EOS for
+tokenizers without one, as the paper does for Qwen). A document's own leading BOS is dropped (the
+row's anchor replaces it). Documents are concatenated greedily in order; a document longer than the
+remaining room is split into continuation chunks (``overflow="split"``, default) or, with
+``overflow="drop"``, moved to a new row and dropped only when it cannot fit an empty row — every drop is
+counted in :attr:`PackStats` and logged, never silent. The last partial row is padded (``last="pad"``)
+or dropped (``last="drop"``, counted).
+
+Row format (a dict of plain lists, Arrow friendly): ``input_ids`` (``seq_len`` ints), ``doc_lens`` (lengths
+of the row's documents/chunks, anchor and padding excluded; padding = ``seq_len - 1 - sum(doc_lens)``),
+and, when ``positions`` is given, ``position_ids``.
+
+Usage::
+
+    packer = DocumentPacker(seq_len=4096, anchor_id=tok.bos_token_id, pad_id=tok.pad_token_id)
+    packed = tokenized.map(packer, batched=True, remove_columns=tokenized.column_names)   # datasets
+    rows = packer.iter_rows(iterable_of_token_lists)                                       # streaming
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layout import ANCHOR_ID, PAD_ID
+
+logger = logging.getLogger("anchorcontext")
+
+POSITIONS = ("continuous", "reset")
+
+
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    return positions
+
+
+def anchor_token_id(tokenizer) -> int:
+    """The anchor for ``tokenizer``: BOS, or EOS when it has no BOS (e.g. Qwen)."""
+    tid = getattr(tokenizer, "bos_token_id", None)
+    if tid is None:
+        tid = getattr(tokenizer, "eos_token_id", None)
+    if tid is None:
+        raise ValueError("tokenizer has neither bos_token_id nor eos_token_id: pass anchor_id explicitly")
+    return int(tid)
+
+
+@dataclass
+class PackStats:
+    documents: int = 0
+    tokens_in: int = 0
+    tokens_packed: int = 0
+    rows: int = 0
+    split_documents: int = 0
+    empty_documents: int = 0
+    dropped_documents: int = 0
+    dropped_tokens: int = 0
+    dropped_last_rows: int = 0
+    dropped_last_tokens: int = 0
+    padding_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DocumentPacker:
+    """Greedy in-order packer. Callable on a ``datasets`` batch (``map(batched=True)``).
+
+    Args:
+        seq_len: row length including the anchor (>= 2).
+        anchor_id: token id of the anchor (use :func:`anchor_token_id`).
+        pad_id: token id written into padding (never a target).
+        vocab_size: if given, token ids outside ``[0, vocab_size)`` raise a ValueError.
+        strip_bos: drop each document's own leading ``bos_id`` (default: ``anchor_id``).
+        overflow: ``"split"`` (continuation chunks) or ``"drop"``.
+        last: ``"pad"`` or ``"drop"`` the final partial row.
+        positions: ``None`` (no ``position_ids`` column), ``"continuous"`` or ``"reset"``.
+        column: input column of token-id lists.
+    """
+
+    seq_len: int
+    anchor_id: int
+    pad_id: int = 0
+    vocab_size: int | None = None
+    strip_bos: bool = True
+    bos_id: int | None = None
+    overflow: str = "split"
+    last: str = "pad"
+    positions: str | None = None
+    column: str = "input_ids"
+    stats: PackStats = field(default_factory=PackStats)
+
+    def __post_init__(self):
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"seq_len must be an int >= 2 (anchor + at least one token), got {self.seq_len!r}")
+        if self.overflow not in ("split", "drop"):
+            raise ValueError(f"overflow must be 'split' or 'drop', got {self.overflow!r}")
+        if self.last not in ("pad", "drop"):
+            raise ValueError(f"last must be 'pad' or 'drop', got {self.last!r}")
+        if self.positions is not None:
+            check_positions(self.positions)
+        for name in ("anchor_id", "pad_id"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 0 or (self.vocab_size is not None and v >= self.vocab_size):
+                raise ValueError(f"{name} must be a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
+        if self.bos_id is None:
+            self.bos_id = self.anchor_id
+
+    # -- core ---------------------------------------------------------------------------------
+    def _check_doc(self, doc, i: int) -> np.ndarray:
+        arr = np.asarray(doc, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"document {i} must be a flat list of token ids, got shape {arr.shape}")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"document {i} has token id {bad} outside the vocabulary [0, {self.vocab_size})")
+        if self.strip_bos and arr.size and arr[0] == self.bos_id:
+            arr = arr[1:]
+        return arr
+
+    def iter_rows(self, documents: Iterable[Sequence[int]]) -> Iterator[dict]:
+        """Yield packed rows from any iterable of token-id lists (streaming; O(seq_len) memory)."""
+        room = self.seq_len - 1
+        buf: list[np.ndarray] = []
+        lens: list[int] = []
+        used = 0
+        st = self.stats
+        any_doc = False
+        for i, doc in enumerate(documents):
+            any_doc = True
+            arr = self._check_doc(doc, i)
+            st.documents += 1
+            st.tokens_in += int(arr.size)
+            if arr.size == 0:
+                st.empty_documents += 1
+                continue
+            if self.overflow == "drop":
+                if arr.size > room:
+                    st.dropped_documents += 1
+                    st.dropped_tokens += int(arr.size)
+                    continue
+                if used + arr.size > room:
+                    yield self._emit(buf, lens, used)
+                    buf, lens, used = [], [], 0
+                buf.append(arr)
+                lens.append(int(arr.size))
+                used += int(arr.size)
+                continue
+            start = 0
+            if used + arr.size > room:
+                st.split_documents += 1
+            while start < arr.size:
+                take = min(room - used, arr.size - start)
+                buf.append(arr[start : start + take])
+                lens.append(take)
+                used += take
+                start += take
+                if used == room:
+                    yield self._emit(buf, lens, used)
+                    buf, lens, used = [], [], 0
+        if not any_doc:
+            raise ValueError("documents is empty: nothing to pack")
+        if used:
+            if self.last == "pad":
+                yield self._emit(buf, lens, used)
+            else:
+                st.dropped_last_rows += 1
+                st.dropped_last_tokens += used
+                logger.info("anchorcontext.pack: dropped the last partial row (%d tokens; last='drop')", used)
+        if st.dropped_documents:
+            logger.warning(
+                "anchorcontext.pack: dropped %d documents (%d tokens) longer than a row (overflow='drop')",
+                st.dropped_documents, st.dropped_tokens,
+            )
+
+    def _emit(self, buf, lens, used) -> dict:
+        L = self.seq_len
+        ids = np.full(L, self.pad_id, dtype=np.int64)
+        ids[0] = self.anchor_id
+        if buf:
+            ids[1 : 1 + used] = np.concatenate(buf)
+        self.stats.rows += 1
+        self.stats.tokens_packed += used
+        self.stats.padding_tokens += L - 1 - used
+        row = {"input_ids": ids.tolist(), "doc_lens": list(lens)}
+        if self.positions is not None:
+            row["position_ids"] = position_ids_from_lens(lens, L, self.positions).tolist()
+        return row
+
+    # -- datasets.map(batched=True) -------------------------------------------------------------
+    def __call__(self, batch: dict) -> dict:
+        if self.column not in batch:
+            raise ValueError(f"batch has no column {self.column!r} (columns: {sorted(batch)})")
+        out: dict[str, list] = {"input_ids": [], "doc_lens": []}
+        if self.positions is not None:
+            out["position_ids"] = []
+        for row in self.iter_rows(batch[self.column]):
+            for k in out:
+                out[k].append(row[k])
+        return out
+
+
+def pack_documents(
+    documents: Iterable[Sequence[int]],
+    *,
+    seq_len: int,
+    anchor_id: int | None = None,
+    tokenizer=None,
+    pad_id: int | None = None,
+    **kwargs,
+) -> tuple[list[dict], PackStats]:
+    """Pack token-id lists into rows; returns ``(rows, stats)``. See :class:`DocumentPacker`.
+
+    ``anchor_id`` defaults to the tokenizer's BOS (EOS without BOS); ``pad_id`` to its pad (else EOS, else 0).
+    """
+    if anchor_id is None:
+        if tokenizer is None:
+            raise ValueError("pack_documents needs anchor_id or a tokenizer")
+        anchor_id = anchor_token_id(tokenizer)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad_id is None and tokenizer is not None:
+            pad_id = getattr(tokenizer, "eos_token_id", None)
+        pad_id = 0 if pad_id is None else pad_id
+    if tokenizer is not None and "vocab_size" not in kwargs:
+        kwargs["vocab_size"] = len(tokenizer)
+    packer = DocumentPacker(seq_len=seq_len, anchor_id=anchor_id, pad_id=pad_id, **kwargs)
+    rows = list(packer.iter_rows(documents))
+    return rows, packer.stats
+
+
+def doc_ids_from_lens(doc_lens: Sequence[int], seq_len: int) -> np.ndarray:
+    """``(seq_len,)`` int64 doc ids: anchor 0, documents 1..n, padding -1."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    used = int(lens.sum())
+    if (lens <= 0).any() or used > seq_len - 1:
+        raise ValueError(f"doc_lens {list(map(int, lens))} do not fit a row of seq_len={seq_len} (need > 0 and sum <= seq_len - 1)")
+    out = np.full(seq_len, PAD_ID, dtype=np.int64)
+    out[0] = ANCHOR_ID
+    out[1 : 1 + used] = np.repeat(np.arange(1, lens.size + 1, dtype=np.int64), lens)
+    return out
+
+
+def position_ids_from_lens(doc_lens: Sequence[int], seq_len: int, positions: str = "continuous") -> np.ndarray:
+    """Position ids: ``continuous`` = 0..L-1 (the paper); ``reset`` = anchor 0, each document 1..n_i.
+
+    Padding continues the row's numbering (``continuous``) or counts on from the last document (``reset``);
+    it is never a target.
+    """
+    check_positions(positions)
+    pos = np.arange(seq_len, dtype=np.int64)
+    if positions == "reset" and len(doc_lens):
+        lens = np.asarray(doc_lens, dtype=np.int64)
+        starts = np.concatenate([[1], 1 + np.cumsum(lens)[:-1]])
+        used = int(lens.sum())
+        pos[1 : 1 + used] -= np.repeat(starts - 1, lens)
+        if used + 1 < seq_len:
+            pos[1 + used :] = np.arange(1, seq_len - used, dtype=np.int64) + int(lens[-1])
+    return pos
