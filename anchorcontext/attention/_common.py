@@ -27,6 +27,11 @@ def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layou
             f"query/key/value must be 4-D (B, H, L, D); got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     B, H, L, D = query.shape
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} != query dtype {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} device {t.device} != query device {query.device}")
     if key.shape != value.shape:
         raise ValueError(f"key shape {tuple(key.shape)} != value shape {tuple(value.shape)}")
     if key.shape[0] != B or key.shape[2] != L or key.shape[3] != D:
