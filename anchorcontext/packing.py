@@ -153,6 +153,9 @@ class DocumentPacker:
                 buf.append(arr)
                 lens.append(int(arr.size))
                 used += int(arr.size)
+                if used == room:  # a full row is complete now, never "the last partial row"
+                    yield self._emit(buf, lens, used)
+                    buf, lens, used = [], [], 0
                 continue
             start = 0
             if used + arr.size > room:
