@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ from .layout import ANCHOR_ID, PAD_ID
 logger = logging.getLogger("anchorcontext")
 
 POSITIONS = ("continuous", "reset")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def check_positions(positions: str) -> str:
@@ -97,8 +102,11 @@ class DocumentPacker:
     stats: PackStats = field(default_factory=PackStats)
 
     def __post_init__(self):
-        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+        if not _is_int(self.seq_len) or self.seq_len < 2:
             raise ValueError(f"seq_len must be an int >= 2 (anchor + at least one token), got {self.seq_len!r}")
+        self.seq_len = int(self.seq_len)
+        if self.vocab_size is not None and (not _is_int(self.vocab_size) or self.vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
         if self.overflow not in ("split", "drop"):
             raise ValueError(f"overflow must be 'split' or 'drop', got {self.overflow!r}")
         if self.last not in ("pad", "drop"):
@@ -107,17 +115,20 @@ class DocumentPacker:
             check_positions(self.positions)
         for name in ("anchor_id", "pad_id"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 0 or (self.vocab_size is not None and v >= self.vocab_size):
+            if not _is_int(v) or v < 0 or (self.vocab_size is not None and v >= self.vocab_size):
                 raise ValueError(f"{name} must be a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
         if self.bos_id is None:
             self.bos_id = self.anchor_id
 
     # -- core ---------------------------------------------------------------------------------
     def _check_doc(self, doc, i: int) -> np.ndarray:
-        arr = np.asarray(doc, dtype=np.int64)
+        arr = np.asarray(doc)
         if arr.ndim != 1:
             raise ValueError(f"document {i} must be a flat list of token ids, got shape {arr.shape}")
         if arr.size:
+            if arr.dtype.kind not in "iu":  # floats / bools / strings are not token ids (no silent truncation)
+                raise ValueError(f"document {i} must hold integer token ids, got dtype {arr.dtype} (e.g. {arr[0]!r})")
+            arr = arr.astype(np.int64, copy=False)
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
                 bad = lo if lo < 0 else hi
