@@ -266,8 +266,8 @@ def doc_ids_from_lens(doc_lens: Sequence[int], seq_len: int) -> np.ndarray:
 def position_ids_from_lens(doc_lens: Sequence[int], seq_len: int, positions: str = "continuous") -> np.ndarray:
     """Position ids: ``continuous`` = 0..L-1 (the paper); ``reset`` = anchor 0, each document 1..n_i.
 
-    Padding continues the row's numbering (``continuous``) or counts on from the last document (``reset``);
-    it is never a target.
+    Padding keeps its row index under both policies (as :func:`anchorcontext.collator.position_ids_for`
+    and the collator's ``pad_to_multiple_of`` do); it is never a target.
     """
     check_positions(positions)
     pos = np.arange(seq_len, dtype=np.int64)
@@ -276,6 +276,4 @@ def position_ids_from_lens(doc_lens: Sequence[int], seq_len: int, positions: str
         starts = np.concatenate([[1], 1 + np.cumsum(lens)[:-1]])
         used = int(lens.sum())
         pos[1 : 1 + used] -= np.repeat(starts - 1, lens)
-        if used + 1 < seq_len:
-            pos[1 + used :] = np.arange(1, seq_len - used, dtype=np.int64) + int(lens[-1])
     return pos
