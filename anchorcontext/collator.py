@@ -119,10 +119,17 @@ class AnchorCollator:
                     "remove_unused_columns=False (the default drops 'doc_lens' before the collator)"
                 )
             features = self._pack(features)
+        for i, f in enumerate(features):
+            for key in ("input_ids", "doc_lens"):
+                if key not in f:
+                    raise ValueError(f"feature {i} has no {key!r} (columns: {sorted(f)}); every packed row needs input_ids and doc_lens")
         L = len(features[0]["input_ids"])
         for i, f in enumerate(features):
             if len(f["input_ids"]) != L:
                 raise ValueError(f"feature {i} has {len(f['input_ids'])} input_ids; row 0 has {L} (packed rows share seq_len)")
+            if "position_ids" in features[0] and len(f.get("position_ids", ())) != L:
+                n = len(f["position_ids"]) if "position_ids" in f else "no"
+                raise ValueError(f"feature {i} has {n} position_ids for {L} input_ids")
         Lp = L
         if self.pad_to_multiple_of:
             Lp = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -131,7 +138,10 @@ class AnchorCollator:
         docs = np.full((B, Lp), PAD_ID, dtype=np.int64)
         for i, f in enumerate(features):
             ids[i, :L] = f["input_ids"]
-            docs[i, :L] = doc_ids_from_lens(f["doc_lens"], L)
+            try:
+                docs[i, :L] = doc_ids_from_lens(f["doc_lens"], L)
+            except ValueError as e:
+                raise ValueError(f"feature {i}: {e}") from None
         input_ids = torch.from_numpy(ids)
         doc_ids = torch.from_numpy(docs)
         if self.anchor_id is not None and (ids[:, 0] != self.anchor_id).any():
