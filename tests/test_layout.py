@@ -1,0 +1,444 @@
+"""AnchorLayout: golden masks, varlen metadata, validation errors, and property tests of its invariants.
+
+Golden masks are hand-written literals (``1`` = may attend, ``.`` = masked; rows are queries, columns
+keys). Each is checked against :func:`dense_mask` and against every backend's *effective* mask, observed
+by probing: with zero queries every allowed key gets the same softmax weight, and one-hot values
+(``v[k] = e_k``) make output column ``k`` equal that weight, so ``out[q, k] > 0`` exactly where the
+kernel really let query ``q`` see key ``k``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flash_standin
+from anchorcontext import AnchorLayout, dense_mask
+from anchorcontext.attention import (
+    flex_attention_backend,
+    reference_attention,
+    sdpa_attention,
+    varlen,
+    varlen_attention,
+)
+from anchorcontext.layout import validate_doc_ids
+
+# anchor | doc 1 (3 tokens) | doc 2 (1 token) | doc 3 (5 tokens) | padding (2)
+GOLDEN_DOC_IDS = [0, 1, 1, 1, 2, 3, 3, 3, 3, 3, -1, -1]
+
+GOLDEN = {
+    "anchor": """
+        1...........
+        11..........
+        111.........
+        1111........
+        1...1.......
+        1....1......
+        1....11.....
+        1....111....
+        1....1111...
+        1....11111..
+        ..........1.
+        ..........11
+    """,
+    "intra_doc": """
+        1...........
+        .1..........
+        .11.........
+        .111........
+        ....1.......
+        .....1......
+        .....11.....
+        .....111....
+        .....1111...
+        .....11111..
+        ..........1.
+        ..........11
+    """,
+    "full": """
+        1...........
+        11..........
+        111.........
+        1111........
+        11111.......
+        111111......
+        1111111.....
+        11111111....
+        111111111...
+        1111111111..
+        11111111111.
+        111111111111
+    """,
+}
+
+# Sliding window W=3 (q - k < 3) in the frame of [anchor] + document: document token j sits at local
+# index j + 1, so the anchor is visible for j in {0, 1} only.
+GOLDEN_WINDOW3 = {
+    "anchor": """
+        1...........
+        11..........
+        111.........
+        .111........
+        1...1.......
+        1....1......
+        1....11.....
+        .....111....
+        ......111...
+        .......111..
+        ..........1.
+        ..........11
+    """,
+    "intra_doc": """
+        1...........
+        .1..........
+        .11.........
+        .111........
+        ....1.......
+        .....1......
+        .....11.....
+        .....111....
+        ......111...
+        .......111..
+        ..........1.
+        ..........11
+    """,
+    "full": """
+        1...........
+        11..........
+        111.........
+        .111........
+        ..111.......
+        ...111......
+        ....111.....
+        .....111....
+        ......111...
+        .......111..
+        ........111.
+        .........111
+    """,
+}
+
+MODES = ("anchor", "intra_doc", "full")
+FLEX_L = 64  # the one sequence length every CPU flex test uses (each new length recompiles, ~6 s)
+
+
+def parse(literal: str) -> torch.Tensor:
+    rows = [r.strip() for r in literal.strip().splitlines()]
+    assert all(set(r) <= {"1", "."} for r in rows)
+    return torch.tensor([[c == "1" for c in r] for r in rows])
+
+
+def golden_ids() -> torch.Tensor:
+    return torch.tensor([GOLDEN_DOC_IDS])
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", flash_standin.flash_attn_varlen_func)
+    flash_standin.CALLS.clear()
+    return flash_standin
+
+
+def effective_mask(fn, layout: AnchorLayout, *, heads=(2, 1), **kw) -> torch.Tensor:
+    """``(B, L, L)`` bool: where ``fn`` really lets queries see keys (zero queries, one-hot values).
+
+    Also asserts the weights are uniform over the visible keys (each equals 1 / count), so a backend
+    that gave a key a partial weight would be caught, and checks every query head (GQA included).
+    """
+    B, L = layout.doc_ids.shape
+    H, Hkv = heads
+    q = torch.zeros(B, H, L, L)
+    k = torch.randn(B, Hkv, L, L)
+    v = torch.eye(L).expand(B, Hkv, L, L).contiguous()
+    with torch.no_grad():
+        out = fn(q, k, v, layout, **kw).float()  # (B, L, H, L): out[b, q, h, k] = weight of key k
+    seen = out > 0.5 / L
+    for h in range(1, H):
+        assert torch.equal(seen[:, :, h], seen[:, :, 0]), f"head {h} sees a different mask than head 0"
+    count = seen[:, :, 0].sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(out[:, :, 0], seen[:, :, 0] / count, atol=1e-5, rtol=0)
+    return seen[:, :, 0]
+
+
+def reference32(q, k, v, layout, **kw):
+    return reference_attention(q, k, v, layout, compute_dtype=torch.float32, **kw)
+
+
+# --------------------------------------------------------------------------------------------- golden
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [None, 3])
+def test_golden_dense_mask(mode, window):
+    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
+    assert torch.equal(dense_mask(golden_ids(), mode, window)[0], golden)
+    layout = AnchorLayout.from_doc_ids(golden_ids(), mode)
+    assert torch.equal(layout.dense_mask(window)[0], golden)
+
+
+def test_golden_literals_relations():
+    """Sanity of the hand-written literals themselves: anchor = intra_doc + the anchor column for
+    document queries; both lie inside plain causal attention."""
+    anchor, intra, full = (parse(GOLDEN[m]) for m in MODES)
+    is_doc_query = torch.tensor(GOLDEN_DOC_IDS) > 0
+    anchor_column = torch.zeros(12, 12, dtype=torch.bool)
+    anchor_column[:, 0] = is_doc_query
+    assert torch.equal(anchor, intra | anchor_column)
+    assert torch.equal(full, torch.ones(12, 12, dtype=torch.bool).tril())
+    assert not (anchor & ~full).any()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("backend", ["reference", "reference32", "sdpa", "varlen"])
+def test_golden_effective_mask(backend, mode, window, standin):
+    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
+    fn = {"reference": reference_attention, "reference32": reference32, "sdpa": sdpa_attention,
+          "varlen": varlen_attention}[backend]
+    layout = AnchorLayout.from_doc_ids(golden_ids(), mode)
+    for heads in [(2, 2), (4, 2)]:
+        seen = effective_mask(fn, layout, heads=heads, sliding_window=window)
+        assert torch.equal(seen[0], golden), f"{backend} {mode} window={window} heads={heads}:\n{seen[0].int()}"
+    if backend == "varlen":
+        assert standin.CALLS and all(c["causal"] for c in standin.CALLS)
+
+
+@pytest.mark.parametrize("mode,window", [("anchor", None), ("intra_doc", None), ("full", None), ("anchor", 3)])
+def test_golden_effective_mask_flex(mode, window):
+    """Compiled FlexAttention (CPU, forward). The golden row is right-padded to FLEX_L tokens, which
+    leaves its first 12 x 12 block unchanged (padding keys lie in every golden query's future)."""
+    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
+    ids = torch.full((2, FLEX_L), -1)
+    ids[0, :12] = golden_ids()[0]
+    ids[1] = torch.tensor([0] + [1] * 20 + [2] * 30 + [3] * 13)
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    seen = effective_mask(flex_attention_backend, layout, heads=(2, 2), sliding_window=window)
+    assert torch.equal(seen[0, :12, :12], golden)
+    assert torch.equal(seen, layout.dense_mask(window))
+
+
+# ------------------------------------------------------------------------------------ varlen metadata
+
+
+def test_metadata_anchor_two_rows():
+    ids = torch.tensor([GOLDEN_DOC_IDS, [0] + [1] * 11])
+    lay = AnchorLayout.from_doc_ids(ids)
+    # row 0: [A] [1 1 1] [2] [3 3 3 3 3] [pad pad]; row 1: [A] [1 x 11]
+    assert lay.cu_seqlens_q.tolist() == [0, 1, 4, 5, 10, 12, 13, 24]
+    assert lay.cu_seqlens_k.tolist() == [0, 1, 5, 7, 13, 15, 16, 28]
+    assert lay.kv_index.tolist() == (
+        [0] + [0, 1, 2, 3] + [0, 4] + [0, 5, 6, 7, 8, 9] + [10, 11] + [12] + [12] + list(range(13, 24))
+    )
+    assert lay.cu_seqlens_q.dtype == torch.int32 and lay.cu_seqlens_k.dtype == torch.int32
+    assert lay.kv_index.dtype == torch.int64
+    assert (lay.max_seqlen_q, lay.max_seqlen_k) == (11, 12)
+    assert type(lay.max_seqlen_q) is int and type(lay.max_seqlen_k) is int
+    assert lay.seqlens_q == (1, 3, 1, 5, 2, 1, 11)
+    assert lay.seqlens_k == (1, 4, 2, 6, 2, 1, 12)
+    assert lay.seg_row == (0, 0, 0, 0, 0, 1, 1)
+    assert lay.seg_anchor == (False, True, True, True, False, False, True)
+    assert (lay.batch_size, lay.seq_len, lay.num_segments) == (2, 12, 7)
+
+
+def test_metadata_intra_doc_and_full():
+    ids = torch.tensor([GOLDEN_DOC_IDS, [0] + [1] * 11])
+    intra = AnchorLayout.from_doc_ids(ids, "intra_doc")
+    assert intra.cu_seqlens_q.tolist() == [0, 1, 4, 5, 10, 12, 13, 24]
+    assert intra.cu_seqlens_k.tolist() == intra.cu_seqlens_q.tolist()
+    assert intra.kv_index is None and intra.max_seqlen_q == intra.max_seqlen_k == 11
+    assert not any(intra.seg_anchor)
+    full = AnchorLayout.from_doc_ids(ids, "full")
+    assert full.cu_seqlens_q.tolist() == full.cu_seqlens_k.tolist() == [0, 12, 24]
+    assert full.kv_index is None and full.max_seqlen_q == full.max_seqlen_k == 12
+    assert full.seg_row == (0, 1)
+
+
+def test_metadata_edge_rows():
+    lay = AnchorLayout.from_doc_ids(torch.tensor([[0]]))  # L = 1: the anchor alone
+    assert lay.cu_seqlens_q.tolist() == lay.cu_seqlens_k.tolist() == [0, 1] and lay.kv_index.tolist() == [0]
+    lay = AnchorLayout.from_doc_ids(torch.tensor([[0, -1, -1], [0, 1, -1]]))  # a row with no document
+    assert lay.cu_seqlens_q.tolist() == [0, 1, 3, 4, 5, 6]
+    assert lay.cu_seqlens_k.tolist() == [0, 1, 3, 4, 6, 7]
+    assert lay.kv_index.tolist() == [0, 1, 2, 3, 3, 4, 5]
+
+
+def test_layout_accepts_int32_and_moves():
+    lay = AnchorLayout.from_doc_ids(torch.tensor([[0, 1, 1, 2]], dtype=torch.int32))
+    assert lay.doc_ids.dtype == torch.int64 and lay.cu_seqlens_k.tolist() == [0, 1, 4, 6]
+    assert lay.to("cpu") is lay
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_flops_counts_allowed_pairs(mode):
+    ids = torch.tensor([GOLDEN_DOC_IDS, [0] + [1] * 11])
+    lay = AnchorLayout.from_doc_ids(ids, mode)
+    assert lay.attention_flops(head_dim=8, num_heads=3) == 4 * 8 * 3 * int(lay.dense_mask().sum())
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "ids,pattern",
+    [
+        ([[1, 1, 2]], r"doc_ids\[0, 0\] must be the anchor id 0, got 1"),
+        ([[0, 1, 1], [2, 1, 1]], r"doc_ids\[1, 0\] must be the anchor id 0, got 2"),
+        ([[-1, 1, 1]], r"doc_ids\[0, 0\] must be the anchor id 0, got -1"),
+        ([[0, 1, 0, 2]], r"doc_ids\[0, 2\] is the anchor id 0"),
+        ([[0, 1, 3, 3]], r"doc_ids\[0, 2\] = 3 after 1: non-contiguous"),
+        ([[0, 2, 2]], r"doc_ids\[0, 1\] = 2 after 0: non-contiguous"),
+        ([[0, 1, 2, 1]], r"doc_ids\[0, 3\] = 1 after 2: decreasing"),
+        ([[0, 1, 1], [0, 1, 2], [0, 2, 1]], r"doc_ids\[2, 1\] = 2 after 0: non-contiguous"),
+        ([[0, 1, -1, 1]], r"doc_ids\[0, 3\] = 1 follows padding"),
+        ([[0, -1, 1]], r"doc_ids\[0, 2\] = 1 follows padding"),
+        ([[0, 1, -2]], r"doc_ids\[0, 2\] = -2 is invalid"),
+    ],
+)
+def test_validation_values(ids, pattern):
+    t = torch.tensor(ids)
+    with pytest.raises(ValueError, match=pattern):
+        validate_doc_ids(t)
+    with pytest.raises(ValueError, match=pattern):
+        AnchorLayout.from_doc_ids(t)
+
+
+@pytest.mark.parametrize(
+    "ids,pattern",
+    [
+        (torch.tensor([0, 1, 1]), r"doc_ids must have shape \(B, L\), got shape \(3,\)"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), r"got shape \(1, 2, 3\)"),
+        (torch.tensor([[0.0, 1.0]]), r"doc_ids must be an integer tensor, got dtype torch.float32"),
+        (torch.tensor([[True, False]]), r"got dtype torch.bool"),
+        ([[0, 1, 1]], r"doc_ids must be a torch.Tensor of shape \(B, L\), got list"),
+        (torch.zeros(0, 5, dtype=torch.long), r"doc_ids is an empty batch: shape \(0, 5\)"),
+        (torch.zeros(2, 0, dtype=torch.long), r"doc_ids is an empty batch: shape \(2, 0\)"),
+    ],
+)
+def test_validation_shape_dtype_empty(ids, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        AnchorLayout.from_doc_ids(ids)
+
+
+def test_validation_mask_name():
+    with pytest.raises(ValueError, match=r"mask must be one of .*got 'causal'"):
+        AnchorLayout.from_doc_ids(golden_ids(), "causal")
+    with pytest.raises(ValueError, match=r"mask must be one of .*got 'doc'"):
+        dense_mask(golden_ids(), "doc")
+
+
+# ------------------------------------------------------------------------------------ property tests
+
+
+@st.composite
+def doc_id_batches(draw, max_rows=3, max_len=24):
+    """Valid ``(B, L)`` doc ids: anchor, documents of random lengths >= 1, trailing padding."""
+    B = draw(st.integers(1, max_rows))
+    L = draw(st.integers(1, max_len))
+    rows = []
+    for _ in range(B):
+        row = [0]
+        n_real = draw(st.integers(0, L - 1))
+        doc = 0
+        while len(row) < 1 + n_real:
+            doc += 1
+            row += [doc] * min(draw(st.integers(1, 8)), 1 + n_real - len(row))
+        rows.append(row + [-1] * (L - len(row)))
+    return torch.tensor(rows)
+
+
+def mask_from_varlen(lay: AnchorLayout, window: int | None) -> torch.Tensor:
+    """Rebuild the dense ``(B, L, L)`` mask from the varlen view alone, with flash-attn's rules:
+    per segment, bottom-right causal alignment and ``window_size=(W-1, 0)``; keys through ``kv_index``."""
+    B, L = lay.doc_ids.shape
+    T = B * L
+    m = torch.zeros(T, T, dtype=torch.bool)
+    kv = torch.arange(T) if lay.kv_index is None else lay.kv_index
+    cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+        for i in range(lq):
+            for j in range(lk):
+                d = i + lk - lq - j
+                if d >= 0 and (window is None or d <= window - 1):
+                    m[cq[s] + i, kv[ck[s] + j]] = True
+    blocks = [m[b * L:(b + 1) * L, b * L:(b + 1) * L] for b in range(B)]
+    assert int(m.sum()) == sum(int(x.sum()) for x in blocks), "a query saw a key of another row"
+    return torch.stack(blocks)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ids=doc_id_batches(), mode=st.sampled_from(MODES), window=st.sampled_from([None, 1, 2, 5]))
+def test_property_varlen_view_equals_dense_mask(ids, mode, window):
+    lay = AnchorLayout.from_doc_ids(ids, mode)
+    assert torch.equal(mask_from_varlen(lay, window), dense_mask(ids, mode, window))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=doc_id_batches(), mode=st.sampled_from(MODES))
+def test_property_layout_invariants(ids, mode):
+    lay = AnchorLayout.from_doc_ids(ids, mode)
+    B, L = ids.shape
+    cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
+    lq = [b - a for a, b in zip(cq, cq[1:])]
+    lk = [b - a for a, b in zip(ck, ck[1:])]
+    assert cq[0] == ck[0] == 0 and cq[-1] == B * L and all(n >= 1 for n in lq)
+    assert tuple(lq) == lay.seqlens_q and tuple(lk) == lay.seqlens_k
+    assert lay.max_seqlen_q == max(lq) and lay.max_seqlen_k == max(lk)
+    n_docs = int(ids.max(dim=1).values.clamp(min=0).sum())
+    if mode == "anchor":
+        assert ck[-1] == B * L + n_docs and lay.kv_index.numel() == ck[-1]
+        assert [k - q for q, k in zip(lq, lk)] == [int(a) for a in lay.seg_anchor]
+        assert sum(lay.seg_anchor) == n_docs
+        flat = ids.reshape(-1)
+        for s, (a, r) in enumerate(zip(lay.seg_anchor, lay.seg_row)):
+            keys = lay.kv_index[ck[s]:ck[s + 1]]
+            own = torch.arange(cq[s], cq[s + 1])
+            if a:  # [row's anchor] + the segment's own tokens
+                assert int(keys[0]) == r * L and torch.equal(keys[1:], own)
+                assert int(flat[keys[0]]) == 0
+            else:
+                assert torch.equal(keys, own)
+    else:
+        assert ck == cq and lay.kv_index is None and not any(lay.seg_anchor)
+    # segments never straddle rows, and every token lies in exactly one segment of its own row
+    seg_of_tok = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq))
+    assert torch.equal(torch.tensor(lay.seg_row)[seg_of_tok], torch.arange(B * L) // L)
+    if mode == "full":
+        assert len(lq) == B
+    else:  # one segment per (row, doc id) run
+        flat = ids.reshape(-1)
+        assert all(len(set(flat[a:b].tolist())) == 1 for a, b in zip(cq, cq[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=doc_id_batches(max_len=16), data=st.data())
+def test_property_corrupted_ids_raise(ids, data):
+    """Any single-token corruption that breaks the convention raises a ValueError naming doc_ids[r, c]."""
+    B, L = ids.shape
+    r = data.draw(st.integers(0, B - 1))
+    c = data.draw(st.integers(0, L - 1))
+    new = data.draw(st.integers(-3, 20))
+    bad = ids.clone()
+    bad[r, c] = new
+    row = bad[r].tolist()
+
+    def valid(row):
+        if row[0] != 0:
+            return False
+        prev = 0
+        for x in row[1:]:
+            if x == -1:
+                prev = -1
+                continue
+            if prev == -1 or x - prev not in (0, 1) or x < 1:
+                return False
+            prev = x
+        return True
+
+    if valid(row):
+        AnchorLayout.from_doc_ids(bad)
+    else:
+        with pytest.raises(ValueError, match=r"doc_ids\[\d+, \d+\]"):
+            AnchorLayout.from_doc_ids(bad)
