@@ -42,12 +42,14 @@ _ANCHOR_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("anchorco
 _warned: set[str] = set()
 
 
-def check_transformers_version() -> str:
-    """Raise a clear error naming both versions when transformers is too old."""
-    import transformers
+def check_transformers_version(have: str | None = None) -> str:
+    """Raise a clear error naming both versions when transformers (``have``: its version) is too old."""
     from packaging.version import Version
 
-    have = transformers.__version__
+    if have is None:
+        import transformers
+
+        have = transformers.__version__
     if Version(have) < Version(MIN_TRANSFORMERS):
         raise ImportError(
             f"anchorcontext needs transformers >= {MIN_TRANSFORMERS} (AttentionInterface with per-call kwargs); "

@@ -1,0 +1,330 @@
+"""Model-level oracle for the Hugging Face integration.
+
+For tiny random models of each supported family (float32, from configs): on a packed batch of 2 rows with
+different layouts, every document's logits equal those of running ``[anchor] + document`` alone (or the
+document alone for ``intra_doc``) with the same position ids; the packed loss's gradient equals the sum of
+the per-document losses' gradients; the unpatched model on the same batch differs (negative control).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import anchorcontext as ac
+from anchorcontext.patches import ATTN_NAME, ATTN_NAME_EAGER, patch_state
+
+VOCAB = 101
+ANCHOR, PAD = 1, 0
+LENS = [[5, 3, 7], [1, 10, 2, 2]]  # row 0 is padded by 1 token (L = 17)
+L = 17
+
+
+def _common(**kw):
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=ANCHOR, pad_token_id=PAD, eos_token_id=2,
+        head_dim=8,
+    )
+    base.update(kw)
+    return base
+
+
+def make_model(family: str, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**_common())
+        cls = transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**_common())
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(**_common())
+        cls = transformers.Qwen3ForCausalLM
+    elif family == "mistral":
+        # a window shorter than the documents, so the sliding window really bites
+        cfg = transformers.MistralConfig(**_common(sliding_window=4))
+        cls = transformers.MistralForCausalLM
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(
+            **_common(sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
+        )
+        cls = transformers.Gemma2ForCausalLM
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(
+            **_common(sliding_window=4, query_pre_attn_scalar=12, num_hidden_layers=3,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        )
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise AssertionError(family)
+    cfg._attn_implementation = attn
+    model = cls(cfg).eval()
+    model.config.use_cache = False
+    return model
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"]
+
+
+def packed_batch(mask="anchor", positions="continuous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for lens in LENS:
+        ids = [ANCHOR] + torch.randint(3, VOCAB, (sum(lens),), generator=g).tolist()
+        ids += [PAD] * (L - len(ids))
+        rows.append({"input_ids": ids, "doc_lens": lens})
+    return ac.AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, mask=mask, positions=positions)(rows)
+
+
+def doc_pieces(batch):
+    """(row, doc, packed indices, standalone indices) for every document."""
+    d = batch["anchor_layout"].doc_ids
+    mask = batch["anchor_layout"].mask
+    for r in range(d.shape[0]):
+        for doc in range(1, int(d[r].max()) + 1):
+            idx = (d[r] == doc).nonzero().squeeze(1)
+            alone = torch.cat([torch.tensor([0]), idx]) if mask == "anchor" else idx
+            yield r, doc, idx, alone
+
+
+def standalone_logits(model, batch, r, alone):
+    ids = batch["input_ids"][r, alone][None]
+    pos = batch["position_ids"][r, alone][None]
+    # an all-ones mask stops stock attention from inferring packing from the position ids (ARCHITECTURE §3)
+    return model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits[0]
+
+
+def stock_attn(family):
+    # Gemma2 needs eager for its softcap; the others use SDPA
+    return "eager" if family == "gemma2" else "sdpa"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mask,positions", [("anchor", "continuous"), ("anchor", "reset"), ("intra_doc", "continuous"), ("intra_doc", "reset")])
+def test_packed_logits_equal_standalone(family, mask, positions):
+    model = make_model(family, stock_attn(family))
+    batch = packed_batch(mask, positions)
+    with torch.no_grad():
+        stock_packed = model(**{k: v for k, v in batch.items() if k != "anchor_layout"}).logits
+        ac.patch_model(model)
+        packed = model(**batch).logits
+        worst = 0.0
+        control = 0.0
+        for r, doc, idx, alone in doc_pieces(batch):
+            ref = standalone_logits(model, batch, r, alone)
+            ref = ref[1:] if mask == "anchor" else ref
+            worst = max(worst, (packed[r, idx] - ref).abs().max().item())
+            control = max(control, (stock_packed[r, idx] - ref).abs().max().item())
+    assert worst <= 1e-5, f"{family} {mask}/{positions}: max |packed - standalone| = {worst}"
+    # negative control: the unpatched model lets documents see each other
+    assert control > 1e-3, f"{family}: the unpatched model agrees with the oracle ({control}); the test cannot fail"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_packed_gradient_equals_sum_of_document_gradients(family):
+    model = make_model(family, stock_attn(family)).double()
+    batch = packed_batch("anchor")
+    # sdpa cannot softcap (Gemma2): "auto" then falls back to the dense reference on CPU
+    ac.patch_model(model, backend="auto" if family == "gemma2" else "sdpa")
+    labels = batch["labels"]
+    logits = model(**batch).logits
+    # summed token losses (shifted as HF does)
+    lf = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    packed_grads = torch.autograd.grad(lf, [p for p in model.parameters()], allow_unused=True)
+    total = None
+    for r, doc, idx, alone in doc_pieces(batch):
+        lab = labels[r, alone]
+        out = standalone_logits(model, batch, r, alone)
+        loss = torch.nn.functional.cross_entropy(out[:-1], lab[1:], ignore_index=-100, reduction="sum")
+        if loss.grad_fn is None:
+            continue
+        g = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        total = g if total is None else [a if b is None else (b if a is None else a + b) for a, b in zip(total, g)]
+    worst = 0.0
+    for a, b in zip(packed_grads, total):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        worst = max(worst, ((a - b).abs().max() / (b.abs().max() + 1e-12)).item())
+    # HF's RMSNorm computes in float32 even in a float64 model, so agreement is at float32 rounding (~1e-8),
+    # far below the ~1e-1 a leaked document or a lost anchor gradient produces
+    assert worst < 1e-6, f"{family}: packed vs summed per-document gradient rel err {worst}"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_full_mode_equals_stock_causal(family):
+    model = make_model(family)
+    batch = packed_batch("full")
+    with torch.no_grad():
+        stock = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      attention_mask=torch.ones_like(batch["input_ids"])).logits
+        ac.patch_model(model)
+        ours = model(**batch).logits
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_anchor_forward_builds_no_mask(monkeypatch):
+    model = make_model("llama")
+    ac.patch_model(model)
+    seen = []
+    fn = transformers.AttentionInterface._global_mapping[ATTN_NAME]
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        seen.append(attention_mask)
+        return fn(module, q, k, v, attention_mask, **kw)
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, ATTN_NAME, spy)
+    batch = packed_batch("anchor")
+    with torch.no_grad():
+        model(**batch)
+        assert len(seen) == model.config.num_hidden_layers
+        assert all(m is None for m in seen), "an anchor forward must not build the (B,1,L,L) mask"
+        seen.clear()
+        ids = batch["input_ids"]
+        ids_mask = torch.ones_like(ids)
+        ids_mask[0, -3:] = 0  # padding: stock transformers builds a real mask
+        model(input_ids=ids, attention_mask=ids_mask)
+        assert len(seen) == model.config.num_hidden_layers
+        assert all(m is not None and m.shape[-2:] == (L, L) for m in seen)
+
+
+def _generate(model, ids, mask):
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+        return_dict_in_generate=True, use_cache=True, pad_token_id=PAD,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_identical_after_patch_with_left_padding(family):
+    model = make_model(family, stock_attn(family))
+    model.config.use_cache = True
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    ids[1, :3] = PAD
+    mask[1, :3] = 0  # left padding
+    stock = _generate(model, ids, mask)
+    ac.patch_model(model)
+    ours = _generate(model, ids, mask)
+    assert torch.equal(stock.sequences, ours.sequences)
+    for a, b in zip(stock.scores, ours.scores):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_patch_roundtrip_idempotent_and_register():
+    model = make_model("llama")
+    assert model.config._attn_implementation == "sdpa"
+    ac.patch_model(model)
+    ac.patch_model(model, backend="sdpa")  # idempotent: updates the backend only
+    assert model.config._attn_implementation == ATTN_NAME
+    assert patch_state(model) == {"prev": "sdpa", "name": ATTN_NAME, "backend": "sdpa"}
+    assert len(model.model._forward_pre_hooks) == 1
+    ac.unpatch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not ac.is_patched(model) and len(model.model._forward_pre_hooks) == 0
+    ac.unpatch_model(model)  # no-op
+
+    eager = make_model("gemma2", "eager")
+    ac.patch_model(eager)
+    assert eager.config._attn_implementation == ATTN_NAME_EAGER
+    ac.unpatch_model(eager)
+    assert eager.config._attn_implementation == "eager"
+
+    ac.register()
+    cfg = make_model("llama").config
+    m2 = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="anchor")
+    assert m2.config._attn_implementation == ATTN_NAME
+    ac.patch_model(m2)
+    ac.unpatch_model(m2)
+    assert m2.config._attn_implementation == "sdpa"
+
+
+def test_registered_names_are_neutral():
+    for name in (ATTN_NAME, ATTN_NAME_EAGER):
+        assert not any(bad in name for bad in ("flash", "sdpa", "flex_attention", "/"))
+
+
+def test_errors():
+    model = make_model("llama")
+    ac.patch_model(model)
+    batch = packed_batch()
+    with pytest.raises(ValueError, match="position_ids"):
+        model(input_ids=batch["input_ids"], anchor_layout=batch["anchor_layout"])
+    with pytest.raises(ValueError, match="does not match"):
+        model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1], anchor_layout=batch["anchor_layout"])
+    with pytest.raises(ValueError, match="generate"):
+        model.generate(input_ids=batch["input_ids"], max_new_tokens=2, anchor_layout=batch["anchor_layout"],
+                       position_ids=batch["position_ids"], use_cache=True, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="backend"):
+        ac.patch_model(make_model("llama"), backend="nope")
+    with pytest.raises(ValueError, match="anchor_mask"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], anchor_layout=batch["anchor_layout"],
+              anchor_mask="full")
+
+
+def test_doc_ids_kwarg_path():
+    model = make_model("llama")
+    ac.patch_model(model)
+    batch = packed_batch()
+    d = batch["anchor_layout"].doc_ids
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], anchor_doc_ids=d).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_transformers_version_gate():
+    from anchorcontext import patches
+
+    with pytest.raises(ImportError, match=r"transformers >= 5\.0\.0.*4\.57\.0"):
+        patches.check_transformers_version("4.57.0")
+    assert patches.check_transformers_version() == transformers.__version__
+
+
+def test_non_attention_interface_model_refused():
+    class Legacy(transformers.PreTrainedModel):
+        config_class = transformers.LlamaConfig
+        _supports_attention_backend = False
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = torch.nn.Linear(2, 2)
+
+    m = Legacy(transformers.LlamaConfig(**_common()))
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        ac.patch_model(m)
+
+
+def test_peft_prompt_learning_refused_and_lora_works():
+    peft = pytest.importorskip("peft")
+    base = make_model("llama")
+    pt = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="virtual tokens"):
+        ac.patch_model(pt)
+
+    base = make_model("llama")
+    lora = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    ac.patch_model(lora)
+    batch = packed_batch()
+    lora.train()
+    enable = getattr(lora, "activation_checkpointing_enable", None) or lora.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = lora(**batch)
+    out.loss.backward()
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    # the LoRA-wrapped model still computes the anchor layout (documents isolated)
+    lora.eval()
+    with torch.no_grad():
+        packed = lora(**batch).logits
+        for r, doc, idx, alone in doc_pieces(batch):
+            ids = batch["input_ids"][r, alone][None]
+            ref = lora(input_ids=ids, position_ids=batch["position_ids"][r, alone][None],
+                       attention_mask=torch.ones_like(ids)).logits[0, 1:]
+            assert (packed[r, idx] - ref).abs().max() < 1e-5
