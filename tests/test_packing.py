@@ -1,0 +1,397 @@
+"""Packing: DocumentPacker / pack_documents / doc_ids_from_lens / position_ids_from_lens.
+
+Oracles are written independently of the packer: for ``overflow="split"`` the rows are the stream of all
+(BOS-stripped) document tokens cut into pieces of ``seq_len - 1``, and each row's ``doc_lens`` are the run
+lengths of the document tags inside its piece; for ``overflow="drop"`` the rows are characterised by
+properties (whole documents, in order, greedy). Labels, boundaries and positions come from per-token loops.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anchorcontext import AnchorCollator, DocumentPacker, pack_documents
+from anchorcontext.packing import doc_ids_from_lens, position_ids_from_lens
+
+ANCHOR = 1  # the BOS of the fake vocabulary, also the row anchor
+PAD = 0
+VOCAB = 50
+IGNORE = -100
+
+datasets.disable_progress_bars()
+
+
+# ------------------------------------------------------------------------------------------ strategies
+@st.composite
+def corpus(draw, max_docs: int = 12):
+    """``(seq_len, docs)``: lengths biased to the edge cases 0, 1, seq_len-1, seq_len, > seq_len."""
+    seq_len = draw(st.integers(2, 12))
+    edge = st.sampled_from([0, 1, seq_len - 1, seq_len, seq_len + 1, 2 * seq_len + 3])
+    lens = draw(st.lists(st.one_of(edge, st.integers(0, 3 * seq_len)), min_size=1, max_size=max_docs))
+    docs = []
+    for n in lens:
+        # token values include the pad id and the BOS inside documents: nothing may be inferred from values
+        doc = draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n))
+        if n and draw(st.booleans()):
+            doc[0] = ANCHOR  # the document's own leading BOS, to be dropped
+        docs.append(doc)
+    return seq_len, docs
+
+
+def stripped(doc: list[int]) -> list[int]:
+    return doc[1:] if doc and doc[0] == ANCHOR else list(doc)
+
+
+# ------------------------------------------------------------------------------------------- oracles
+def split_oracle(docs: list[list[int]], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Rows of ``overflow="split", last="pad"``: ``(tokens without the anchor, doc_lens)`` per row."""
+    room = seq_len - 1
+    stream = [(k, t) for k, d in enumerate(docs) for t in stripped(d)]
+    rows = []
+    for s in range(0, len(stream), room):
+        piece = stream[s : s + room]
+        lens = [len(list(g)) for _, g in itertools.groupby(piece, key=lambda kt: kt[0])]
+        rows.append(([t for _, t in piece], lens))
+    return rows
+
+
+def expected_doc_ids(doc_lens: list[int], L: int) -> list[int]:
+    out = [0]
+    for k, n in enumerate(doc_lens):
+        out += [k + 1] * n
+    return out + [-1] * (L - len(out))
+
+
+def expected_labels(ids: list[int], doc_lens: list[int]) -> list[int]:
+    labels = [IGNORE] * len(ids)
+    i = 1
+    for k, n in enumerate(doc_lens):
+        for j in range(n):
+            labels[i] = IGNORE if (j == 0 and k > 0) else ids[i]
+            i += 1
+    return labels
+
+
+def expected_positions(doc_lens: list[int], L: int, positions: str) -> list[int]:
+    if positions == "continuous":
+        return list(range(L))
+    out = [0]
+    for n in doc_lens:
+        out += list(range(1, n + 1))
+    return out + list(range(len(out), L))  # padding keeps its row index
+
+
+def unpack(rows: list[dict], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Check the row format; return ``(tokens without the anchor, doc_lens)`` per row."""
+    out = []
+    for r in rows:
+        ids, lens = r["input_ids"], r["doc_lens"]
+        used = sum(lens)
+        assert len(ids) == seq_len
+        assert ids[0] == ANCHOR
+        assert all(n > 0 for n in lens) and used <= seq_len - 1
+        assert ids[1 + used :] == [PAD] * (seq_len - 1 - used)
+        out.append((ids[1 : 1 + used], list(lens)))
+    return out
+
+
+# ---------------------------------------------------------------------------------- split (default)
+@settings(max_examples=200, deadline=None)
+@given(corpus())
+def test_split_every_token_once_in_order(case):
+    seq_len, docs = case
+    rows, stats = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, vocab_size=VOCAB)
+    got = unpack(rows, seq_len)
+    assert got == split_oracle(docs, seq_len)
+    # only the last row may be partial
+    assert all(sum(lens) == seq_len - 1 for _, lens in got[:-1])
+
+    kept = [stripped(d) for d in docs]
+    n_tokens = sum(map(len, kept))
+    chunks = sum(len(lens) for _, lens in got)
+    assert stats.documents == len(docs)
+    assert stats.empty_documents == sum(1 for d in kept if not d)
+    assert stats.tokens_in == stats.tokens_packed == n_tokens
+    assert stats.rows == len(rows)
+    assert stats.padding_tokens == len(rows) * (seq_len - 1) - n_tokens
+    # a document is split iff its first and last tokens fall into different rows of the stream
+    room, start, split = seq_len - 1, 0, 0
+    for d in kept:
+        if d:
+            split += start // room != (start + len(d) - 1) // room
+        start += len(d)
+    assert stats.split_documents == split
+    assert chunks >= sum(1 for d in kept if d) + split
+    assert stats.dropped_documents == stats.dropped_tokens == stats.dropped_last_rows == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(corpus(), st.sampled_from(["continuous", "reset"]))
+def test_collated_labels_boundaries_positions(case, positions):
+    seq_len, docs = case
+    rows, _ = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, positions=positions)
+    if not rows:
+        return
+    for r in rows:
+        assert r["position_ids"] == expected_positions(r["doc_lens"], seq_len, positions)
+        assert doc_ids_from_lens(r["doc_lens"], seq_len).tolist() == expected_doc_ids(r["doc_lens"], seq_len)
+        assert position_ids_from_lens(r["doc_lens"], seq_len, positions).tolist() == r["position_ids"]
+    plain = [{"input_ids": r["input_ids"], "doc_lens": r["doc_lens"]} for r in rows]
+    for feats in (rows, plain):  # rows carrying position_ids, and the collator computing them
+        batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, positions=positions)(feats)
+        for b, r in enumerate(rows):
+            assert batch["input_ids"][b].tolist() == r["input_ids"]
+            assert batch["labels"][b].tolist() == expected_labels(r["input_ids"], r["doc_lens"])
+            assert batch["anchor_layout"].doc_ids[b].tolist() == expected_doc_ids(r["doc_lens"], seq_len)
+            assert batch["position_ids"][b].tolist() == expected_positions(r["doc_lens"], seq_len, positions)
+
+
+def test_split_continuation_chunks_literal():
+    rows, stats = pack_documents(
+        [[1, 2, 3], [1, 4, 5, 6, 7, 8, 9, 10, 11], [12]], seq_len=4, anchor_id=1, pad_id=0
+    )
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [1, 5, 6, 7], [1, 8, 9, 10], [1, 11, 12, 0]]
+    assert [r["doc_lens"] for r in rows] == [[2, 1], [3], [3], [1, 1]]
+    assert stats.split_documents == 1 and stats.padding_tokens == 1
+
+
+def test_strip_bos_only_the_leading_one_and_option_off():
+    rows, _ = pack_documents([[1, 1, 5, 1]], seq_len=6, anchor_id=1, pad_id=0)
+    assert rows[0]["input_ids"] == [1, 1, 5, 1, 0, 0] and rows[0]["doc_lens"] == [3]
+    rows, _ = pack_documents([[1, 5]], seq_len=4, anchor_id=1, pad_id=0, strip_bos=False)
+    assert rows[0]["input_ids"] == [1, 1, 5, 0] and rows[0]["doc_lens"] == [2]
+    # a distinct document BOS (e.g. anchor = EOS): the document BOS is stripped, the anchor is EOS
+    rows, _ = pack_documents([[7, 5, 7]], seq_len=5, anchor_id=2, bos_id=7, pad_id=0)
+    assert rows[0]["input_ids"] == [2, 5, 7, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------- drop
+@settings(max_examples=200, deadline=None)
+@given(corpus())
+def test_drop_whole_documents_in_order_greedy(case):
+    seq_len, docs = case
+    room = seq_len - 1
+    rows, stats = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, overflow="drop")
+    got = unpack(rows, seq_len)
+    kept = [stripped(d) for d in docs]
+    fits = [d for d in kept if 0 < len(d) <= room]
+    too_long = [d for d in kept if len(d) > room]
+    # every fitting document appears whole, once, in order; the rest are counted as dropped
+    pieces = []
+    for toks, lens in got:
+        for n in lens:
+            pieces.append(toks[:n])
+            toks = toks[n:]
+    assert pieces == fits
+    assert stats.dropped_documents == len(too_long)
+    assert stats.dropped_tokens == sum(map(len, too_long))
+    assert stats.split_documents == 0
+    assert stats.tokens_in == stats.tokens_packed + stats.dropped_tokens
+    # greedy: a row is closed only when the next document does not fit into it
+    for (_, lens), (_, nxt) in zip(got, got[1:]):
+        assert sum(lens) + nxt[0] > room
+
+
+def test_drop_counts_and_reports(caplog):
+    with caplog.at_level("WARNING", logger="anchorcontext"):
+        rows, stats = pack_documents([[2, 3], [4, 5, 6, 7, 8], [9]], seq_len=4, anchor_id=1, overflow="drop")
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 9]]
+    assert (stats.dropped_documents, stats.dropped_tokens) == (1, 5)
+    assert "dropped 1 documents" in caplog.text
+
+
+@settings(max_examples=100, deadline=None)
+@given(corpus(), st.sampled_from(["split", "drop"]))
+def test_last_drop_removes_only_a_partial_last_row(case, overflow):
+    seq_len, docs = case
+    kw = dict(seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, overflow=overflow)
+    padded, _ = pack_documents(docs, **kw)
+    dropped, stats = pack_documents(docs, last="drop", **kw)
+    partial = bool(padded) and sum(padded[-1]["doc_lens"]) < seq_len - 1
+    assert dropped == (padded[:-1] if partial else padded)
+    assert stats.dropped_last_rows == int(partial)
+    assert stats.dropped_last_tokens == (sum(padded[-1]["doc_lens"]) if partial else 0)
+    assert all(sum(r["doc_lens"]) == seq_len - 1 for r in dropped)
+    assert stats.tokens_in == stats.tokens_packed + stats.dropped_tokens + stats.dropped_last_tokens
+
+
+def test_drop_full_final_row_is_kept_with_last_drop():
+    rows, stats = pack_documents([[5, 6, 7]], seq_len=4, anchor_id=1, overflow="drop", last="drop")
+    assert [r["input_ids"] for r in rows] == [[1, 5, 6, 7]] and stats.dropped_last_rows == 0
+
+
+# -------------------------------------------------------------------------------------- positions
+def test_position_literals():
+    assert position_ids_from_lens([2, 3], 8, "continuous").tolist() == list(range(8))
+    assert position_ids_from_lens([2, 3], 8, "reset").tolist() == [0, 1, 2, 1, 2, 3, 6, 7]
+    assert position_ids_from_lens([7], 8, "reset").tolist() == list(range(8))
+    assert position_ids_from_lens([], 4, "reset").tolist() == [0, 1, 2, 3]
+    rows, _ = pack_documents([[5, 6], [7, 8, 9]], seq_len=8, anchor_id=1, positions="reset")
+    assert rows[0]["position_ids"] == [0, 1, 2, 1, 2, 3, 6, 7]
+    rows, _ = pack_documents([[5, 6]], seq_len=4, anchor_id=1)
+    assert "position_ids" not in rows[0]
+
+
+# ------------------------------------------------------------------------------ datasets / streaming
+def _docs(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[ANCHOR] + rng.integers(2, VOCAB, size=int(k)).tolist() for k in rng.integers(0, 30, size=n)]
+
+
+@pytest.mark.parametrize("batch_size", [7, 1000])
+def test_dataset_map_batched(batch_size):
+    docs = _docs(40)
+    ds = datasets.Dataset.from_dict({"input_ids": docs, "text": [str(i) for i in range(len(docs))]})
+    packer = DocumentPacker(seq_len=16, anchor_id=ANCHOR, pad_id=PAD, positions="reset")
+    out = ds.map(packer, batched=True, batch_size=batch_size, remove_columns=ds.column_names)
+    assert sorted(out.column_names) == ["doc_lens", "input_ids", "position_ids"]
+    # each map batch is packed on its own (its last partial row is padded), in order
+    want = []
+    for s in range(0, len(docs), batch_size):
+        want += pack_documents(docs[s : s + batch_size], seq_len=16, anchor_id=ANCHOR, pad_id=PAD, positions="reset")[0]
+    assert out.to_list() == want
+    assert packer.stats.documents == len(docs)
+    assert packer.stats.tokens_packed == sum(len(stripped(d)) for d in docs)
+    collated = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD)(out.select(range(3)).to_list())
+    assert collated["input_ids"].shape == (3, 16)
+
+
+def test_dataset_map_column_option_and_missing_column():
+    ds = datasets.Dataset.from_dict({"tokens": _docs(5)})
+    with pytest.raises(ValueError, match="no column 'input_ids'"):
+        ds.map(DocumentPacker(seq_len=8, anchor_id=ANCHOR), batched=True, remove_columns=["tokens"])
+    out = ds.map(DocumentPacker(seq_len=8, anchor_id=ANCHOR, column="tokens"), batched=True, remove_columns=["tokens"])
+    assert out.to_list() == pack_documents(ds["tokens"], seq_len=8, anchor_id=ANCHOR)[0]
+
+
+def test_iterable_dataset_streaming():
+    docs = _docs(30, seed=1)
+    want, _ = pack_documents(docs, seq_len=16, anchor_id=ANCHOR, pad_id=PAD)
+    stream = datasets.Dataset.from_dict({"input_ids": docs}).to_iterable_dataset(num_shards=3)
+    packer = DocumentPacker(seq_len=16, anchor_id=ANCHOR, pad_id=PAD)
+    assert list(packer.iter_rows(ex["input_ids"] for ex in stream)) == want
+    # as a lazy IterableDataset.map: batches are packed independently, like Dataset.map
+    mapped = stream.map(DocumentPacker(seq_len=16, anchor_id=ANCHOR, pad_id=PAD), batched=True, batch_size=1000,
+                        remove_columns=["input_ids"])
+    assert isinstance(mapped, datasets.IterableDataset)
+    assert list(mapped) == want
+
+
+def test_iterable_dataset_is_pulled_lazily():
+    pulled = []
+
+    def gen():
+        for i in range(10_000):
+            pulled.append(i)
+            yield {"input_ids": [ANCHOR, 2, 3, 4]}
+
+    stream = datasets.IterableDataset.from_generator(gen)
+    first = next(DocumentPacker(seq_len=10, anchor_id=ANCHOR).iter_rows(ex["input_ids"] for ex in stream))
+    assert first["doc_lens"] == [3, 3, 3]
+    assert len(pulled) < 100  # datasets may buffer a little; it does not read the stream
+
+
+@pytest.mark.parametrize("overflow", ["split", "drop"])
+def test_generator_is_not_materialised(overflow):
+    pulled = 0
+
+    def infinite():
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield [ANCHOR] + [2 + i % 40] * 3
+
+    rows = DocumentPacker(seq_len=10, anchor_id=ANCHOR, overflow=overflow).iter_rows(infinite())
+    first = next(rows)
+    assert first["doc_lens"] == [3, 3, 3]
+    assert pulled == 3  # no read-ahead: the row is emitted as soon as it is full
+    assert len(list(itertools.islice(rows, 4))) == 4 and pulled == 15
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def test_empty_document_list():
+    with pytest.raises(ValueError, match="documents is empty"):
+        pack_documents([], seq_len=8, anchor_id=1)
+    with pytest.raises(ValueError, match="documents is empty"):
+        list(DocumentPacker(seq_len=8, anchor_id=1).iter_rows(iter(())))
+
+
+@pytest.mark.parametrize("seq_len", [1, 0, -4, 2.5, "8", None, True])
+def test_bad_seq_len(seq_len):
+    with pytest.raises(ValueError, match=r"seq_len must be an int >= 2.*got " + repr(seq_len).replace(".", r"\.")):
+        DocumentPacker(seq_len=seq_len, anchor_id=1)
+
+
+def test_numpy_integer_arguments_are_accepted():
+    rows, _ = pack_documents([np.array([5, 6], dtype=np.int32)], seq_len=np.int64(4), anchor_id=np.int64(1))
+    assert rows[0]["input_ids"] == [1, 5, 6, 0]
+
+
+@pytest.mark.parametrize(
+    "doc, kw, match",
+    [
+        ([3, 50], dict(vocab_size=50), r"document 1 has token id 50 outside the vocabulary \[0, 50\)"),
+        ([3, -1], dict(), r"document 1 has token id -1 outside the vocabulary"),
+        ([3, 2.5], dict(), r"document 1 must hold integer token ids, got dtype float64"),
+        ([[3, 4], [5, 6]], dict(), r"document 1 must be a flat list of token ids, got shape \(2, 2\)"),
+    ],
+)
+def test_bad_token_ids(doc, kw, match):
+    with pytest.raises(ValueError, match=match):
+        pack_documents([[2, 3], doc], seq_len=8, anchor_id=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(anchor_id=50, vocab_size=50), r"anchor_id must be a token id in \[0, vocab_size=50\), got 50"),
+        (dict(anchor_id=-1), r"anchor_id must be a token id.*got -1"),
+        (dict(anchor_id=1, pad_id=60, vocab_size=50), r"pad_id must be a token id.*got 60"),
+        (dict(anchor_id=1, vocab_size=0), r"vocab_size must be a positive int or None, got 0"),
+        (dict(anchor_id=1, overflow="truncate"), r"overflow must be 'split' or 'drop', got 'truncate'"),
+        (dict(anchor_id=1, last="keep"), r"last must be 'pad' or 'drop', got 'keep'"),
+        (dict(anchor_id=1, positions="absolute"), r"positions must be one of \('continuous', 'reset'\), got 'absolute'"),
+    ],
+)
+def test_bad_packer_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DocumentPacker(seq_len=8, **kw)
+
+
+def test_pack_documents_needs_an_anchor():
+    with pytest.raises(ValueError, match="needs anchor_id or a tokenizer"):
+        pack_documents([[2, 3]], seq_len=8)
+
+
+@pytest.mark.parametrize(
+    "lens, match",
+    [([3, 5], r"doc_lens \[3, 5\] do not fit a row of seq_len=8"), ([2, 0], r"doc_lens \[2, 0\] do not fit"), ([-1], "do not fit")],
+)
+def test_doc_lens_mismatching_the_row(lens, match):
+    with pytest.raises(ValueError, match=match):
+        doc_ids_from_lens(lens, 8)
+
+
+def test_bad_positions_value_for_helpers():
+    with pytest.raises(ValueError, match="positions must be one of"):
+        position_ids_from_lens([2], 4, "rope")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpus())
+def test_collator_packs_plain_documents_like_the_packer(case):
+    seq_len, docs = case
+    want, _ = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD)
+    if not want:
+        return
+    batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, seq_len=seq_len)([{"input_ids": d} for d in docs])
+    assert batch["input_ids"].tolist() == [r["input_ids"] for r in want]
+    assert batch["labels"].tolist() == [expected_labels(r["input_ids"], r["doc_lens"]) for r in want]
+    assert torch.equal(batch["position_ids"], torch.arange(seq_len).expand(len(want), seq_len))
