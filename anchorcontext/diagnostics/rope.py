@@ -1,0 +1,945 @@
+"""BF16 RoPE drift: the measurements of arXiv 2411.13476 (§2.2, App. B) for any Hugging Face causal LM.
+
+Exact RoPE makes attention a function of relative position only: shifting every position id by Δ leaves
+the attention probabilities ``A`` unchanged. In BFloat16 it does not. We measure by how much.
+
+Measurements (``Δ2`` is the reference offset, 16 in the paper)
+---------------------------------------------------------------
+* **Attention difference** (Eq. 4)::
+
+      D(X, Δ1, Δ2) = Σ_layers Σ_heads Σ_i Σ_{j<=i} n_i · |A_ij(X, Δ1) − A_ij(X, Δ2)|
+
+  ``A(X, Δ)`` is the ``(L, L)`` attention-probability matrix of one head when the position ids are
+  ``Δ … Δ+L−1``. Row weights ``n_i`` (``row_weight=``): ``"mean"`` (default) ``n_i = 1/(i+1)``, i.e. each
+  query row contributes the mean absolute change over the ``i+1`` keys it sees (the reading of the paper's
+  normalisation in which every row counts alike and ``D`` for a prefix does not depend on the full length);
+  ``"paper"``: ``n = (1/L, 1/(L−1), …, 1)`` exactly as printed (``n_i = 1/(L−i)``); ``"sum"``: ``n_i = 1``.
+* **Per-key contribution**: the same sum split by key position ``j``; ``Σ_j c_j = D``. The first-token
+  share is ``c_0 / D``; ``D`` with the first key excluded is ``D − c_0``.
+* **First-token logit difference** (Eq. 5): ``D_logit(T) = (1/T) Σ_{i<T} Σ_{l,h} |S_i0(Δ1) − S_i0(Δ2)|``
+  on the pre-softmax scores ``S`` (after ``scaling`` and ``softcap``), paper: ``Δ1 = 0, Δ2 = 16``.
+
+How (one forward per sequence and setting)
+------------------------------------------
+The same sequence is batched at every offset: row 0 at the reference ``Δ2``, then one row per ``Δ1``;
+``Δ2`` itself is always among the ``Δ1`` rows as a **control** that must give exactly 0 (it does on CPU;
+a non-zero control means the kernels are not batch-invariant and the figures carry that noise). A probing
+attention function, registered with ``transformers.AttentionInterface`` under :data:`PROBE_NAME`, receives
+the post-RoPE ``q``/``k``, computes the scores itself with the causal mask applied by itself (transformers'
+mask builder would read the jump in position ids of the anchor layout as packed documents, so the mask
+function registered beside it returns ``None``), accumulates the per-row, first-key, per-key and logit
+terms of every layer on the fly, and returns the normal attention output so the forward continues. Only
+one row's ``(H, L, L)`` matrices live at a time; the LM head is skipped (the base model runs).
+
+For a causal model the first ``T`` rows of a length-``L`` run are the run on the first ``T`` tokens, so
+one forward at ``L = max(lengths)`` yields every prefix length ``T`` (D and D_logit per length).
+
+Score semantics are those of transformers' eager attention (what ``output_attentions=True`` reads):
+``S = (q @ kᵀ) * scaling`` in the q/k dtype, softmax in at least float32, probabilities cast to the value
+dtype for ``P @ V``. Dropout is never applied.
+
+Precision settings (:class:`PrecisionSetting`, registry :data:`SETTINGS`)
+----------------------------------------------------------------------
+* ``bf16`` (a): the model in BF16 as trained; today's HF rotary path (``angles="fp32"``: ``m·θ`` in fp32,
+  cos/sin cast to bf16, rotation in bf16).
+* ``bf16_rope_fp32`` (b): model in BF16, RoPE rotation and ``q·k`` in FP32. Design: a forward pre-hook on
+  every ``*RotaryEmbedding`` module hands it an fp32 view of its input, so the module's own code (any
+  ``rope_type``) returns fp32 cos/sin; ``q*cos + rotate_half(q)*sin`` then runs in fp32 by type
+  promotion, and the probe computes ``q·k`` and the softmax in fp32; the attention output is cast back
+  to bf16 so everything else stays bf16. The dtype the probe actually received is recorded
+  (``rotated_dtype``) — a model that casts q/k back after rotating would show ``bfloat16`` there.
+* ``bf16_anchor`` (c): AnchorAttention's layout: position ids ``[0, Δ+1, Δ+2, …]`` (the first token keeps
+  position 0). This changes the true relative distances to the first token, so exact RoPE does not give 0
+  here: ``fp32_anchor`` is the same layout in FP32, and only the excess over it is due to precision.
+* ``fp32`` (d): FP32 control. ``fp64``: float64 ground truth (angles and cos/sin in float64 too).
+* ``bf16_angles_bf16``: the older code path in which the angle ``m·θ`` itself is computed in bf16
+  (positions above 256 round to even numbers, 512 to multiples of 4, ...); ``angles="model_dtype"``.
+* ``bf16_qk_fp32``: rotation in bf16 but ``q·k`` in fp32 (what fused SDPA/flash kernels accumulate in).
+* ``bf16_random``: randomly initialised weights in BF16 (the paper's third setting).
+
+Models are cast the way ``from_pretrained(dtype=...)`` loads them: weights cast, the rotary ``inv_freq``
+buffers kept in float32 (a plain ``model.to(torch.bfloat16)`` would round them as well).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+PROBE_NAME = "anchorcontext_probe"
+PROBE_KWARG = "anchorcontext_probe_state"
+PAPER_OFFSETS = (0, 2, 4, 6, 8, 10, 12, 14, 15, 17, 18, 20, 22, 50, 100, 200, 500, 1000, 2000)
+PAPER_REFERENCE_OFFSET = 16
+PAPER_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+ROW_WEIGHTS = ("mean", "paper", "sum")
+LAYOUTS = ("shift", "anchor")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionSetting:
+    """One way of running the model for the measurement.
+
+    ``dtype``: the model's dtype (weights and activations). ``rope``: ``"model"`` (the model's rotary path
+    as is) or ``"fp32"`` (cos/sin and the rotation in fp32). ``qk``: ``"model"`` (scores in the q/k dtype,
+    as eager attention) or ``"fp32"`` (q/k upcast before the dot product). ``angles``: ``"fp32"`` (HF
+    today: ``position.float() * inv_freq.float()``) or ``"model_dtype"`` (positions, ``inv_freq``, angle
+    and cos/sin in the model dtype: the older bf16 path, or exact float64 ground truth). ``layout``:
+    ``"shift"`` (positions ``Δ … Δ+L−1``) or ``"anchor"`` (``[0, Δ+1, …, Δ+L−1]``). ``init``:
+    ``"pretrained"`` (the given weights) or ``"random"`` (a fresh model from the same config, seeded).
+    """
+
+    name: str
+    dtype: str = "bfloat16"
+    rope: str = "model"
+    qk: str = "model"
+    angles: str = "fp32"
+    layout: str = "shift"
+    init: str = "pretrained"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        for fld, allowed in (
+            ("dtype", tuple(DTYPES)),
+            ("rope", ("model", "fp32")),
+            ("qk", ("model", "fp32")),
+            ("angles", ("fp32", "model_dtype")),
+            ("layout", LAYOUTS),
+            ("init", ("pretrained", "random")),
+        ):
+            if getattr(self, fld) not in allowed:
+                raise ValueError(f"{fld} must be one of {allowed}, got {getattr(self, fld)!r}")
+        if self.rope == "fp32" and self.angles == "model_dtype":
+            raise ValueError("rope='fp32' computes angles and rotation in fp32; it cannot use angles='model_dtype'")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> str:
+        parts = [self.dtype, f"layout={self.layout}", f"angles={self.angles}"]
+        if self.rope != "model":
+            parts.append(f"rope={self.rope}")
+        if self.qk != "model":
+            parts.append(f"qk={self.qk}")
+        if self.init != "pretrained":
+            parts.append(f"init={self.init}")
+        return ", ".join(parts)
+
+
+SETTINGS: dict[str, PrecisionSetting] = {
+    s.name: s
+    for s in (
+        PrecisionSetting(name="bf16"),
+        PrecisionSetting(name="bf16_rope_fp32", rope="fp32", qk="fp32"),
+        PrecisionSetting(name="bf16_anchor", layout="anchor"),
+        PrecisionSetting(name="fp32_anchor", dtype="float32", layout="anchor"),
+        PrecisionSetting(name="fp32", dtype="float32"),
+        PrecisionSetting(name="fp64", dtype="float64", angles="model_dtype"),
+        PrecisionSetting(name="fp64_anchor", dtype="float64", angles="model_dtype", layout="anchor"),
+        PrecisionSetting(name="bf16_angles_bf16", angles="model_dtype"),
+        PrecisionSetting(name="bf16_qk_fp32", qk="fp32"),
+        PrecisionSetting(name="bf16_random", init="random"),
+    )
+}
+#: (a) BF16, (b) RoPE+q·k in FP32, (c) anchor layout with its FP32 control, (d) FP32.
+DEFAULT_SETTINGS = ("bf16", "bf16_rope_fp32", "bf16_anchor", "fp32_anchor", "fp32")
+
+
+def get_setting(setting: str | PrecisionSetting) -> PrecisionSetting:
+    """A :class:`PrecisionSetting` from itself or its name in :data:`SETTINGS`."""
+    if isinstance(setting, PrecisionSetting):
+        return setting
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {sorted(SETTINGS)} or a PrecisionSetting, got {setting!r}")
+    return SETTINGS[setting]
+
+
+# ------------------------------------------------------------------------------------- pure helpers
+
+
+def row_weights(length: int, kind: str = "mean", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Row weights ``n: (length,)`` for Eq. 4: ``"mean"`` ``1/(i+1)``, ``"paper"`` ``1/(L−i)``, ``"sum"`` 1."""
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    i = torch.arange(length, dtype=dtype)
+    if kind == "mean":
+        return 1.0 / (i + 1)
+    if kind == "paper":
+        return 1.0 / (length - i)
+    if kind == "sum":
+        return torch.ones(length, dtype=dtype)
+    raise ValueError(f"row_weight must be one of {ROW_WEIGHTS}, got {kind!r}")
+
+
+def shifted_position_ids(length: int, offsets: Sequence[int], layout: str = "shift") -> torch.Tensor:
+    """``(len(offsets), length)`` int64 position ids: ``Δ + arange(L)``; ``layout="anchor"`` pins column 0 at 0.
+
+    ``"anchor"`` gives ``[0, Δ+1, Δ+2, …, Δ+L−1]``: AnchorAttention's layout, where the anchor keeps
+    position 0 while the document after it sits at an arbitrary offset.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    pos = torch.arange(length, dtype=torch.long)[None, :] + torch.tensor(list(offsets), dtype=torch.long)[:, None]
+    if layout == "anchor":
+        pos[:, 0] = 0
+    return pos
+
+
+def deviation_terms(
+    probs_ref: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row, first-key and per-key terms of ``|A − A_ref|``, heads summed (float64).
+
+    ``probs_ref``, ``probs``: ``(..., L, L)`` attention probabilities (rows = queries, masked entries 0);
+    leading dimensions (heads) are summed. ``weights``: ``(L,)`` row weights ``n``. Returns
+    ``row: (L,)`` ``Σ_j |ΔA_ij|``, ``first: (L,)`` ``|ΔA_i0|`` and ``key: (L,)`` ``Σ_i n_i |ΔA_ij|``;
+    ``(weights * row).sum() == key.sum()`` is Eq. 4 for one layer.
+    """
+    if probs_ref.shape != probs.shape or probs.dim() < 2 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"probs must be (..., L, L) and match probs_ref; got {tuple(probs.shape)}, {tuple(probs_ref.shape)}")
+    m = (probs - probs_ref).abs_()
+    m = m.reshape(-1, *m.shape[-2:]).sum(0, dtype=torch.float64)
+    return m.sum(-1), m[:, 0].clone(), weights.to(torch.float64) @ m
+
+
+# ----------------------------------------------------------------------------------- probe function
+
+
+class _ProbeState:
+    """Accumulators of one forward: ``n_rows`` batch rows (row 0 = reference), one entry per layer call."""
+
+    def __init__(self, *, n_rows: int, length: int, weights: torch.Tensor, qk_upcast: bool,
+                 on_layer: Callable[[], None] | None = None):  # fmt: skip
+        self.n_rows, self.length, self.weights, self.qk_upcast = n_rows, length, weights, qk_upcast
+        self.on_layer = on_layer
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.calls = 0
+        self.rotated_dtype: torch.dtype | None = None
+        self.score_dtype: torch.dtype | None = None
+        self._mask_cache: dict[Any, torch.Tensor] = {}
+
+    def _mask(self, L: int, sliding_window, device) -> torch.Tensor:
+        key = (L, sliding_window, str(device))
+        if key not in self._mask_cache:
+            i = torch.arange(L, device=device)
+            allowed = i[None, :] <= i[:, None]
+            if sliding_window is not None:
+                allowed &= i[None, :] > i[:, None] - int(sliding_window)
+            self._mask_cache[key] = allowed
+        return self._mask_cache[key]
+
+    def attend(self, module, query, key, value, scaling, sliding_window, softcap) -> torch.Tensor:
+        B, H, L, D = query.shape
+        Hkv, G = key.shape[1], H // key.shape[1]
+        if (B, L) != (self.n_rows, self.length):
+            raise RuntimeError(f"probe expected (rows, L) = {(self.n_rows, self.length)}, got {(B, L)}")
+        qk_dtype = torch.promote_types(query.dtype, key.dtype)
+        if self.qk_upcast:
+            qk_dtype = torch.promote_types(qk_dtype, torch.float32)
+        acc = torch.promote_types(qk_dtype, torch.float32)
+        self.rotated_dtype, self.score_dtype = query.dtype, qk_dtype
+        scale = 1.0 / math.sqrt(D) if scaling is None else float(scaling)
+        allowed = self._mask(L, sliding_window, query.device)
+
+        def scores(b: int) -> torch.Tensor:  # (H, L, L) in acc; eager semantics: matmul and scale in qk dtype
+            q = query[b].to(qk_dtype).reshape(Hkv, G * L, D)  # head h uses kv head h // G, as repeat_kv
+            s = torch.matmul(q, key[b].to(qk_dtype).transpose(-1, -2)) * scale
+            s = s.view(H, L, L)
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            return s.to(acc)
+
+        def probs(s: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+
+        def apply(p: torch.Tensor, b: int) -> torch.Tensor:  # (L, H, D)
+            o = torch.matmul(p.to(value.dtype).view(Hkv, G * L, L), value[b])
+            return o.view(H, L, D).transpose(0, 1)
+
+        out = torch.empty(B, L, H, D, dtype=value.dtype, device=value.device)
+        rec = {k: torch.zeros(B, L, dtype=torch.float64) for k in ("row", "first", "key", "logit0")}
+        s_ref = scores(0)
+        p_ref = probs(s_ref)
+        s0_ref = s_ref[:, :, 0].clone()
+        del s_ref
+        out[0] = apply(p_ref, 0)
+        for b in range(1, B):
+            s = scores(b)
+            rec["logit0"][b] = (s[:, :, 0] - s0_ref).abs().sum(0, dtype=torch.float64).cpu()
+            p = probs(s)
+            del s
+            row, first, keyc = deviation_terms(p_ref, p, self.weights.to(p.device))
+            rec["row"][b], rec["first"][b], rec["key"][b] = row.cpu(), first.cpu(), keyc.cpu()
+            out[b] = apply(p, b)
+            del p
+        layer = getattr(module, "layer_idx", None)
+        self.layers[self.calls if layer is None else int(layer)] = rec
+        self.calls += 1
+        if self.on_layer is not None:
+            self.on_layer()
+        return out
+
+
+def _probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     softcap=None, **kwargs):  # fmt: skip
+    """``AttentionInterface`` function: q ``(B,H,L,D)``, k/v ``(B,Hkv,L,D)`` (post-RoPE) -> ``((B,L,H,D), None)``.
+
+    Runs only inside :func:`probe_model` forwards, which pass the accumulator state as the
+    ``anchorcontext_probe_state`` kwarg. ``attention_mask`` is ignored (the probe applies causality itself).
+    """
+    state = kwargs.get(PROBE_KWARG)
+    if state is None:
+        raise RuntimeError(
+            f"attention implementation {PROBE_NAME!r} only runs inside anchorcontext.diagnostics probes "
+            "(no probe state was passed); restore the model's attention implementation"
+        )
+    if getattr(module, "is_causal", True) is False:
+        raise ValueError(f"non-causal attention module {type(module).__name__}: the RoPE drift diagnostic needs a causal LM")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attention sinks (s_aux) are not supported by the RoPE drift probe")
+    return state.attend(module, query, key, value, scaling, sliding_window, softcap), None
+
+
+def _no_mask(*args, **kwargs):
+    """Mask function for the probe: no mask is built (the probe applies the causal mask itself)."""
+    return None
+
+
+def register_probe() -> str:
+    """Register :data:`PROBE_NAME` with ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(PROBE_NAME, _probe_attention)
+    AttentionMaskInterface.register(PROBE_NAME, _no_mask)
+    return PROBE_NAME
+
+
+# ----------------------------------------------------------------------------------- model handling
+
+
+def base_model(model) -> torch.nn.Module:
+    """The decoder without the LM head (``model.model`` for ``*ForCausalLM``), else ``model`` itself."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def rotary_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every ``*RotaryEmbedding`` module (the producers of cos/sin)."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
+
+
+def check_model(model) -> None:
+    """Raise ``ValueError`` unless ``model`` is a causal, RoPE, AttentionInterface-based HF model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model {type(model).__name__} is an encoder-decoder; the diagnostic needs a causal decoder-only LM")
+    noncausal = [n for n, m in model.named_modules() if getattr(m, "is_causal", None) is False]
+    if noncausal:
+        raise ValueError(
+            f"model {type(model).__name__} is not causal ({noncausal[0]}.is_causal is False"
+            f"{f' and {len(noncausal) - 1} more' if len(noncausal) > 1 else ''}); the diagnostic needs a causal LM"
+        )
+    if not rotary_modules(model):
+        raise ValueError(f"model {type(model).__name__} has no *RotaryEmbedding module: the diagnostic needs a RoPE model")
+
+
+def _rotary_buffers(model) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        n: {b: t.detach().float().clone() for b, t in m.named_buffers(recurse=False) if t.is_floating_point()}
+        for n, m in rotary_modules(model)
+    }
+
+
+def _restore_rotary_buffers(model, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+    mods = dict(model.named_modules())
+    for name, bufs in saved.items():
+        for b, t in bufs.items():
+            setattr(mods[name], b, t.to(getattr(mods[name], b).device))
+
+
+def model_for_setting(model, setting: str | PrecisionSetting, *, seed: int = 0):
+    """``model`` itself when its dtype already matches ``setting``, else a cast copy (or a random-init model).
+
+    Casting mirrors ``from_pretrained(dtype=...)``: every weight is cast, rotary ``inv_freq`` buffers stay
+    float32. ``init="random"`` builds ``type(model)(config)`` under ``torch.manual_seed(seed)`` (torch's
+    global RNG is restored afterwards). The input model is never modified.
+    """
+    setting = get_setting(setting)
+    dtype = setting.torch_dtype
+    device = next(model.parameters()).device
+    if setting.init == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = type(model)(copy.deepcopy(model.config))
+        saved = _rotary_buffers(fresh)
+        fresh = fresh.to(device=device, dtype=dtype).eval()
+        _restore_rotary_buffers(fresh, saved)
+        return fresh
+    if next(model.parameters()).dtype == dtype:
+        return model
+    saved = _rotary_buffers(model)
+    work = copy.deepcopy(model).to(dtype=dtype).eval()
+    _restore_rotary_buffers(work, saved)
+    return work
+
+
+def _rope_fp32_pre_hook(module, args, kwargs):
+    """Hand the rotary module an fp32 input: its cos/sin come out in fp32 (the input only sets dtype/device)."""
+    if args:
+        x = args[0]
+        args = (x.to(torch.promote_types(x.dtype, torch.float32)),) + tuple(args[1:])
+    elif "x" in kwargs:
+        kwargs = dict(kwargs, x=kwargs["x"].to(torch.promote_types(kwargs["x"].dtype, torch.float32)))
+    return args, kwargs
+
+
+def _angles_in(module, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of ``cat(m·θ, m·θ)`` with positions, ``inv_freq``, angle and cos/sin all in ``dtype``."""
+    freqs = position_ids[..., None].to(dtype) * module.inv_freq.to(device=position_ids.device, dtype=dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scale = float(getattr(module, "attention_scaling", 1.0))
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def _model_dtype_angle_hook(module, args, kwargs, output):
+    x = args[0] if args else kwargs["x"]
+    pos = args[1] if len(args) > 1 else kwargs["position_ids"]
+    cos, sin = _angles_in(module, pos, x.dtype)
+    if cos.shape != output[0].shape:
+        raise ValueError(f"angles='model_dtype' cannot reproduce {type(module).__name__}'s cos/sin layout")
+    return cos.to(output[0].dtype), sin.to(output[1].dtype)
+
+
+def _check_angle_layout(model) -> None:
+    """Raise ``ValueError`` unless every rotary module computes ``cat(m·θ, m·θ)`` from ``inv_freq`` (fp32 check)."""
+    for name, mod in rotary_modules(model):
+        if not isinstance(getattr(mod, "inv_freq", None), torch.Tensor):
+            raise ValueError(f"angles='model_dtype' needs an inv_freq buffer; {name} ({type(mod).__name__}) has none")
+        pos = torch.arange(0, 4096, 97, device=mod.inv_freq.device)[None]
+        x = torch.zeros(1, 1, device=mod.inv_freq.device, dtype=torch.float32)
+        try:
+            cos, sin = mod(x, pos)
+        except TypeError as e:
+            raise ValueError(f"angles='model_dtype' cannot call {type(mod).__name__}(x, position_ids): {e}") from e
+        mine = _angles_in(mod, pos, torch.float32)
+        if cos.shape != mine[0].shape or (cos.float() - mine[0]).abs().max() > 1e-4:
+            raise ValueError(f"angles='model_dtype' does not match {type(mod).__name__}'s own rotary layout")
+
+
+@contextlib.contextmanager
+def probe_model(model, setting: str | PrecisionSetting = "bf16"):
+    """Switch ``model`` to the probing attention (and the setting's rotary hooks); restore on exit.
+
+    Yields the base model (no LM head). The previous ``config._attn_implementation`` is restored and
+    every hook removed even when the body raises.
+    """
+    setting = get_setting(setting)
+    check_model(model)
+    register_probe()
+    previous = model.config._attn_implementation
+    handles = []
+    try:
+        if setting.angles == "model_dtype":
+            _check_angle_layout(model)
+        model.set_attn_implementation(PROBE_NAME)
+        for _, mod in rotary_modules(model):
+            if setting.rope == "fp32":
+                handles.append(mod.register_forward_pre_hook(_rope_fp32_pre_hook, with_kwargs=True))
+            if setting.angles == "model_dtype":
+                handles.append(mod.register_forward_hook(_model_dtype_angle_hook, with_kwargs=True))
+        yield base_model(model)
+    finally:
+        for h in handles:
+            h.remove()
+        if previous is not None and model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class ShiftDeviation:
+    """Raw accumulators of one setting, averaged over sequences.
+
+    ``offsets``: the ``Δ1`` values (``reference_offset`` among them: the control). Tensors are float64,
+    indexed ``[layer, offset, i]`` over query rows ``i < length``: ``row`` ``Σ_h Σ_j |ΔA_ij|``,
+    ``first`` ``Σ_h |ΔA_i0|``, ``logit0`` ``Σ_h |ΔS_i0|``; ``key[layer, offset, j]`` is
+    ``Σ_h Σ_i n_i |ΔA_ij|`` with the row weights of the full length.
+    """
+
+    setting: PrecisionSetting
+    offsets: list[int]
+    reference_offset: int
+    length: int
+    num_sequences: int
+    row_weight: str
+    row: torch.Tensor
+    first: torch.Tensor
+    key: torch.Tensor
+    logit0: torch.Tensor
+    rotated_dtype: str = ""
+    score_dtype: str = ""
+    seconds: float = 0.0
+
+    def _T(self, length: int | None) -> int:
+        T = self.length if length is None else int(length)
+        if not 1 <= T <= self.length:
+            raise ValueError(f"length must be in [1, {self.length}], got {length!r}")
+        return T
+
+    @property
+    def control_index(self) -> int:
+        return self.offsets.index(self.reference_offset)
+
+    def attention_difference(self, length: int | None = None, per_layer: bool = False) -> torch.Tensor:
+        """Eq. 4 for the prefix of ``length`` tokens: ``(n_offsets,)``, or ``(n_layers, n_offsets)``."""
+        T = self._T(length)
+        d = self.row[:, :, :T] @ row_weights(T, self.row_weight)
+        return d if per_layer else d.sum(0)
+
+    def first_token_contribution(self, length: int | None = None) -> torch.Tensor:
+        """``c_0``: the part of Eq. 4 on key ``j = 0``, ``(n_offsets,)``."""
+        T = self._T(length)
+        return (self.first[:, :, :T] @ row_weights(T, self.row_weight)).sum(0)
+
+    def first_token_share(self, length: int | None = None) -> torch.Tensor:
+        """``c_0 / D`` per offset (NaN where ``D == 0``, e.g. the control)."""
+        d = self.attention_difference(length)
+        return torch.where(d > 0, self.first_token_contribution(length) / d.clamp_min(1e-300), float("nan"))
+
+    def excluding_first_token(self, length: int | None = None) -> torch.Tensor:
+        """Eq. 4 without key ``j = 0``: ``D − c_0``, ``(n_offsets,)``."""
+        return self.attention_difference(length) - self.first_token_contribution(length)
+
+    def logit_difference(self, length: int | None = None) -> torch.Tensor:
+        """Eq. 5, ``(1/T) Σ_{i<T} Σ_{l,h} |S_i0(Δ1) − S_i0(Δ2)|`` per offset ``Δ1``: ``(n_offsets,)``."""
+        T = self._T(length)
+        return self.logit0[:, :, :T].sum((0, 2)) / T
+
+    def per_key_contribution(self) -> torch.Tensor:
+        """``c_j`` at the full length, layers summed: ``(n_offsets, length)``; rows sum to ``D``."""
+        return self.key.sum(0)
+
+    @property
+    def control_max(self) -> float:
+        """Largest |ΔA| term or |ΔS| term of the control row (``Δ1 = Δ2``); exactly 0 when kernels are batch-invariant."""
+        c = self.control_index
+        return float(max(self.row[:, c].abs().max(), self.logit0[:, c].abs().max()))
+
+    def summary(self, length: int | None = None) -> float:
+        """Mean of Eq. 4 over the non-control offsets."""
+        d = self.attention_difference(length)
+        keep = [k for k in range(len(self.offsets)) if k != self.control_index]
+        return float(d[keep].mean()) if keep else 0.0
+
+    def to_dict(self, lengths: Sequence[int] | None = None) -> dict:
+        """Every derived number, JSON-ready (lists of floats), per length in ``lengths`` (default: full)."""
+        lengths = [self.length] if lengths is None else [self._T(t) for t in lengths]
+        per_len = {}
+        for T in lengths:
+            per_len[str(T)] = {
+                "attention_difference": self.attention_difference(T).tolist(),
+                "excluding_first_token": self.excluding_first_token(T).tolist(),
+                "first_token_share": [None if math.isnan(v) else v for v in self.first_token_share(T).tolist()],
+                "logit_difference": self.logit_difference(T).tolist(),
+                "mean_attention_difference": self.summary(T),
+            }
+        return {
+            "setting": asdict(self.setting),
+            "description": self.setting.describe(),
+            "offsets": list(self.offsets),
+            "reference_offset": self.reference_offset,
+            "control_offset_index": self.control_index,
+            "control_max_abs": self.control_max,
+            "length": self.length,
+            "num_sequences": self.num_sequences,
+            "row_weight": self.row_weight,
+            "rotated_qk_dtype": self.rotated_dtype,
+            "score_dtype": self.score_dtype,
+            "seconds": self.seconds,
+            "by_length": per_len,
+            "attention_difference_per_layer": self.attention_difference(per_layer=True).T.tolist(),
+            "per_key_contribution": self.per_key_contribution().tolist(),
+        }
+
+
+# ------------------------------------------------------------------------------------ measurement
+
+
+def _check_input_ids(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be (num_sequences, L) with L >= 2, got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    return input_ids.long()
+
+
+def check_offsets(offsets: Iterable[int], reference_offset: int) -> list[int]:
+    """Validated ``Δ1`` list with ``reference_offset`` added as the control when absent (order kept)."""
+    offsets = list(offsets) if offsets is not None else []
+    if not offsets:
+        raise ValueError(f"offsets must be a non-empty list of Δ1 values, got {offsets!r}")
+    for o in [*offsets, reference_offset]:
+        if isinstance(o, bool) or not isinstance(o, int) or o < 0:
+            raise ValueError(f"offsets and reference_offset must be non-negative ints, got {o!r}")
+    if len(set(offsets)) != len(offsets):
+        raise ValueError(f"offsets must not repeat, got {offsets!r}")
+    return offsets if reference_offset in offsets else [*offsets, reference_offset]
+
+
+def check_length(model, length: int, offsets: Sequence[int]) -> None:
+    """Raise ``ValueError`` when positions up to ``max(offsets) + length − 1`` exceed ``max_position_embeddings``."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(offsets) + length > int(limit):
+        raise ValueError(
+            f"length {length} with offset {max(offsets)} needs position ids up to {max(offsets) + length - 1}, "
+            f"beyond the model's max_position_embeddings ({limit})"
+        )
+
+
+def probe_shift_deviation(
+    model,
+    input_ids,
+    *,
+    offsets: Sequence[int] = PAPER_OFFSETS,
+    reference_offset: int = PAPER_REFERENCE_OFFSET,
+    setting: str | PrecisionSetting = "bf16",
+    row_weight: str = "mean",
+    seed: int = 0,
+    progress: Callable[[], None] | None = None,
+    cast: bool = True,
+) -> ShiftDeviation:
+    """Run one setting on ``input_ids: (N, L)`` (each row one sequence) and return the accumulators.
+
+    One forward per sequence with ``len(offsets) + 1`` batch rows (the reference first). ``model`` is
+    cast per :func:`model_for_setting` (a copy when its dtype differs; ``cast=False``: used as given, already
+    prepared); it is never modified. Accumulates
+    in float64 on the host; ``progress`` is called once per attention layer. Deterministic.
+    """
+    setting = get_setting(setting)
+    ids = _check_input_ids(input_ids)
+    deltas = check_offsets(offsets, reference_offset)
+    row_weights(2, row_weight)  # validates the name
+    N, L = ids.shape
+    check_model(model)
+    check_length(model, L, [reference_offset, *deltas])
+    work = model_for_setting(model, setting, seed=seed) if cast else model
+    device = next(work.parameters()).device
+    pos = shifted_position_ids(L, [reference_offset, *deltas], setting.layout).to(device)
+    weights = row_weights(L, row_weight)
+    n_rows = len(deltas) + 1
+    total: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    rotated = score = ""
+    with probe_model(work, setting) as net, torch.inference_mode():
+        for n in range(N):
+            state = _ProbeState(n_rows=n_rows, length=L, weights=weights.to(device),
+                                qk_upcast=setting.qk == "fp32", on_layer=progress)  # fmt: skip
+            batch = ids[n : n + 1].expand(n_rows, L).to(device)
+            net(input_ids=batch, position_ids=pos, use_cache=False, **{PROBE_KWARG: state})
+            if not state.layers:
+                raise ValueError(
+                    f"{type(model).__name__} never called the probing attention: it does not dispatch through "
+                    "transformers.AttentionInterface"
+                )
+            for k in ("row", "first", "key", "logit0"):
+                stacked = torch.stack([state.layers[i][k][1:] for i in sorted(state.layers)])  # (layers, n_off, L)
+                total[k] = stacked / N if k not in total else total[k] + stacked / N
+            rotated, score = str(state.rotated_dtype).replace("torch.", ""), str(state.score_dtype).replace("torch.", "")
+    if work is not model:
+        del work
+    return ShiftDeviation(
+        setting=setting, offsets=deltas, reference_offset=reference_offset, length=L, num_sequences=N,
+        row_weight=row_weight, row=total["row"], first=total["first"], key=total["key"], logit0=total["logit0"],
+        rotated_dtype=rotated, score_dtype=score, seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def attention_difference(model, input_ids, offsets=PAPER_OFFSETS, reference_offset=PAPER_REFERENCE_OFFSET, *,
+                         setting="bf16", length=None, row_weight="mean") -> dict[int, float]:  # fmt: skip
+    """Eq. 4, ``{Δ1: D}`` averaged over the sequences of ``input_ids: (N, L)`` (prefix ``length``)."""
+    r = probe_shift_deviation(model, input_ids, offsets=offsets, reference_offset=reference_offset,
+                              setting=setting, row_weight=row_weight)  # fmt: skip
+    return dict(zip(r.offsets, r.attention_difference(length).tolist()))
+
+
+def per_key_contribution(model, input_ids, offsets=PAPER_OFFSETS, reference_offset=PAPER_REFERENCE_OFFSET, *,
+                         setting="bf16", row_weight="mean") -> dict[int, torch.Tensor]:  # fmt: skip
+    """``{Δ1: c (L,)}``: Eq. 4 split by key position; ``c[0] / c.sum()`` is the first-token share."""
+    r = probe_shift_deviation(model, input_ids, offsets=offsets, reference_offset=reference_offset,
+                              setting=setting, row_weight=row_weight)  # fmt: skip
+    return dict(zip(r.offsets, r.per_key_contribution()))
+
+
+def first_token_logit_difference(model, input_ids, lengths: Sequence[int], *, delta1: int = 0,
+                                 delta2: int = PAPER_REFERENCE_OFFSET, setting="bf16") -> dict[int, float]:  # fmt: skip
+    """Eq. 5, ``{T: D_logit}`` for each prefix length ``T`` of ``input_ids: (N, L)`` (``L >= max(lengths)``)."""
+    lengths = list(lengths)
+    if not lengths:
+        raise ValueError(f"lengths must be a non-empty list, got {lengths!r}")
+    ids = _check_input_ids(input_ids)
+    if max(lengths) > ids.shape[1] or min(lengths) < 1:
+        raise ValueError(f"lengths must be in [1, {ids.shape[1]}] (the sequence length), got {lengths!r}")
+    r = probe_shift_deviation(model, ids[:, : max(lengths)], offsets=[delta1], reference_offset=delta2, setting=setting)
+    k = r.offsets.index(delta1)
+    return {T: float(r.logit_difference(T)[k]) for T in lengths}
+
+
+@dataclass
+class RopeDriftReport:
+    """Results of :func:`compare_settings`: one :class:`ShiftDeviation` per setting name, in run order."""
+
+    results: dict[str, ShiftDeviation]
+    lengths: list[int]
+    logit_offset: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def control_for(self, name: str) -> str | None:
+        """The run setting whose D stands for exact arithmetic for ``name``'s layout (float32, else float64)."""
+        s = self.results[name].setting
+        for dtype in ("float32", "float64"):
+            for other, r in self.results.items():
+                o = r.setting
+                if (o.dtype, o.layout, o.init, o.rope, o.qk) == (dtype, s.layout, s.init, "model", "model") and other != name:
+                    return other
+        return None
+
+    def precision_excess(self, name: str, length: int | None = None) -> float:
+        """Mean D minus its exact-arithmetic part: D itself for ``layout="shift"`` (exact RoPE gives 0);
+        ``D − D(control)`` for ``"anchor"`` (NaN without a float32/float64 control of that layout)."""
+        r = self.results[name]
+        if r.setting.layout == "shift":
+            return r.summary(length)
+        ctrl = self.control_for(name)
+        return r.summary(length) - self.results[ctrl].summary(length) if ctrl else float("nan")
+
+    def rows(self, length: int | None = None) -> list[dict]:
+        """One summary dict per setting; ``removed`` = ``1 − excess / excess(bf16)``."""
+        base = self.precision_excess("bf16", length) if "bf16" in self.results else float("nan")
+        out = []
+        for name, r in self.results.items():
+            T = r._T(length)
+            keep = [k for k in range(len(r.offsets)) if k != r.control_index]
+            share = r.first_token_share(T)[keep]
+            excess = self.precision_excess(name, T)
+            lk = r.offsets.index(self.logit_offset) if self.logit_offset in r.offsets else keep[0]
+            out.append({
+                "setting": name,
+                "description": r.setting.describe(),
+                "length": T,
+                "mean_D": r.summary(T),
+                "mean_D_excluding_first_token": float(r.excluding_first_token(T)[keep].mean()),
+                "first_token_share": float(share[~share.isnan()].mean()) if (~share.isnan()).any() else float("nan"),
+                "D_logit": float(r.logit_difference(T)[lk]),
+                "D_logit_offset": r.offsets[lk],
+                "control_max_abs": r.control_max,
+                "precision_excess": excess,
+                "control_setting": self.control_for(name) if r.setting.layout != "shift" else None,
+                "removed_vs_bf16": (1.0 - excess / base) if base and not math.isnan(base) and name != "bf16" else None,
+                "rotated_qk_dtype": r.rotated_dtype,
+                "seconds": r.seconds,
+            })  # fmt: skip
+        return out
+
+    def table(self, length: int | None = None) -> str:
+        """Terminal tables: the per-setting summary, then D per offset (columns: settings)."""
+        rows = self.rows(length)
+
+        def f(v):
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                return "—"
+            return f"{v:.3e}" if isinstance(v, float) else str(v)
+
+        head = ["setting", "mean D", "D excl. first", "first share", "D_logit", "precision part", "removed", "control"]
+        lines = [head]
+        for r in rows:
+            rem = r["removed_vs_bf16"]
+            lines.append([
+                r["setting"], f(r["mean_D"]), f(r["mean_D_excluding_first_token"]),
+                "—" if math.isnan(r["first_token_share"]) else f"{100 * r['first_token_share']:.1f}%",
+                f(r["D_logit"]), f(r["precision_excess"]), "—" if rem is None or math.isnan(rem) else f"{100 * rem:.1f}%",
+                f"{r['control_max_abs']:.0e}",
+            ])  # fmt: skip
+        widths = [max(len(x[c]) for x in lines) for c in range(len(head))]
+        fmt = lambda x: "  ".join(s.ljust(w) if c == 0 else s.rjust(w) for c, (s, w) in enumerate(zip(x, widths)))  # noqa: E731
+        T = rows[0]["length"] if rows else length
+        text = [f"RoPE shift deviation at L={T} (mean over Δ1 != Δ2; D_logit at Δ1={rows[0]['D_logit_offset'] if rows else ''})",
+                fmt(lines[0]), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines[1:]]  # fmt: skip
+        names = list(self.results)
+        first = self.results[names[0]]
+        text += ["", f"D(Δ1) per setting at L={T} (reference Δ2={first.reference_offset}; * = control)"]
+        cols = [["Δ1", *names]]
+        for k, o in enumerate(first.offsets):
+            mark = "*" if o == first.reference_offset else ""
+            cols.append([f"{o}{mark}", *(f"{float(self.results[n].attention_difference(T)[k]):.3e}" for n in names)])
+        w2 = [max(len(x[c]) for x in cols) for c in range(len(cols[0]))]
+        text += ["  ".join(s.rjust(w) for s, w in zip(x, w2)) for x in cols]
+        return "\n".join(text)
+
+    def to_dict(self) -> dict:
+        return {
+            "meta": self.meta,
+            "lengths": self.lengths,
+            "summary": {str(T): self.rows(T) for T in self.lengths},
+            "settings": {n: r.to_dict(self.lengths) for n, r in self.results.items()},
+        }
+
+
+def compare_settings(
+    model,
+    input_ids,
+    *,
+    settings: Sequence[str | PrecisionSetting] = DEFAULT_SETTINGS,
+    offsets: Sequence[int] = PAPER_OFFSETS,
+    reference_offset: int = PAPER_REFERENCE_OFFSET,
+    lengths: Sequence[int] | None = None,
+    row_weight: str = "mean",
+    logit_offset: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> RopeDriftReport:
+    """Run every setting on ``input_ids: (N, L)`` and collect a :class:`RopeDriftReport`.
+
+    ``lengths`` (default ``[L]``): prefix lengths to report (each ``<= L``). Settings sharing a dtype and
+    init reuse one cast copy, released before the next group. ``progress`` shows a tqdm bar (one tick per
+    attention layer). ``logit_offset`` is the ``Δ1`` of Eq. 5 (paper: 0).
+    """
+    from tqdm.auto import tqdm
+
+    ids = _check_input_ids(input_ids)
+    chosen = [get_setting(s) for s in settings]
+    if not chosen:
+        raise ValueError(f"settings must be non-empty, got {list(settings)!r}")
+    if len({s.name for s in chosen}) != len(chosen):
+        raise ValueError(f"settings must have distinct names, got {[s.name for s in chosen]!r}")
+    lengths = [ids.shape[1]] if not lengths else sorted(set(int(t) for t in lengths))
+    if lengths[0] < 2 or lengths[-1] > ids.shape[1]:
+        raise ValueError(f"lengths must lie in [2, {ids.shape[1]}] (the sequence length), got {lengths!r}")
+    deltas = check_offsets(offsets, reference_offset)
+    check_model(model)
+    check_length(model, ids.shape[1], [reference_offset, *deltas])
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    bar = tqdm(total=n_layers * len(chosen) * ids.shape[0] if n_layers else None, desc="rope drift",
+               unit="layer", disable=not progress)  # fmt: skip
+    results: dict[str, ShiftDeviation] = {}
+    group_of = lambda s: (s.dtype, s.init)  # noqa: E731
+    try:
+        for key in dict.fromkeys(group_of(s) for s in chosen):
+            work = model_for_setting(model, next(s for s in chosen if group_of(s) == key), seed=seed)
+            for s in (s for s in chosen if group_of(s) == key):
+                bar.set_description(f"rope drift [{s.name}]")
+                results[s.name] = probe_shift_deviation(
+                    work, ids, offsets=deltas, reference_offset=reference_offset, setting=s,
+                    row_weight=row_weight, seed=seed, progress=lambda: bar.update(1), cast=False,
+                )  # fmt: skip
+            del work
+    finally:
+        bar.close()
+    ordered = {s.name: results[s.name] for s in chosen}
+    return RopeDriftReport(results=ordered, lengths=lengths, logit_offset=logit_offset)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def sample_sequences(
+    tokenizer,
+    length: int,
+    num_sequences: int = 1,
+    *,
+    seed: int = 0,
+    docs: Sequence[dict] | None = None,
+    first_token: str = "bos",
+) -> torch.Tensor:
+    """``(num_sequences, length)`` int64 windows of real text (default corpus: :func:`assets.stdlib_documents`).
+
+    Documents are visited in a ``seed``-shuffled order; each long enough one gives one window at a
+    ``seed``-random token offset. ``first_token="bos"`` makes column 0 the tokenizer's BOS (EOS when it has
+    none), as in the paper's sequences and AnchorAttention's anchor; ``"none"`` keeps raw text.
+    """
+    if not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    if not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"num_sequences must be a positive int, got {num_sequences!r}")
+    if first_token not in ("bos", "none"):
+        raise ValueError(f"first_token must be 'bos' or 'none', got {first_token!r}")
+    prefix: list[int] = []
+    if first_token == "bos":
+        tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if tid is None:
+            raise ValueError("first_token='bos' but the tokenizer has neither a BOS nor an EOS token")
+        prefix = [int(tid)]
+    if docs is None:
+        from ..assets import stdlib_documents
+
+        docs = stdlib_documents()
+    need = length - len(prefix)
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    out: list[list[int]] = []
+    for idx in order:
+        text = docs[idx]["text"]
+        if len(text) < need:  # a token covers at least one character for every BPE we meet
+            continue
+        budget = 12 * need  # chars: tokenise a window, not a 400K-token file
+        if len(text) > budget:
+            start = rng.randrange(0, len(text) - budget + 1)
+            text = text[start : start + budget]
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(toks) < need:
+            continue
+        s = rng.randrange(0, len(toks) - need + 1)
+        out.append(prefix + list(toks[s : s + need]))
+        if len(out) == num_sequences:
+            return torch.tensor(out, dtype=torch.long)
+    raise ValueError(f"the corpus has only {len(out)} documents of >= {need} tokens; asked for {num_sequences}")
+
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "PAPER_LENGTHS",
+    "PAPER_OFFSETS",
+    "PAPER_REFERENCE_OFFSET",
+    "PROBE_NAME",
+    "PrecisionSetting",
+    "RopeDriftReport",
+    "SETTINGS",
+    "ShiftDeviation",
+    "attention_difference",
+    "base_model",
+    "check_model",
+    "compare_settings",
+    "deviation_terms",
+    "first_token_logit_difference",
+    "get_setting",
+    "model_for_setting",
+    "per_key_contribution",
+    "probe_model",
+    "probe_shift_deviation",
+    "register_probe",
+    "row_weights",
+    "sample_sequences",
+    "shifted_position_ids",
+]
