@@ -132,7 +132,7 @@ class BenchConfig:
             raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
         if not self.lengths or any((not isinstance(n, int)) or n < 2 for n in self.lengths):
             raise ValueError(f"lengths must be integers >= 2, got {self.lengths!r}")
-        self.lengths = sorted(set(self.lengths))
+        self.lengths = list(dict.fromkeys(self.lengths))  # run order as given (e.g. the longest first)
         for m in self.masks:
             if m not in MASKS:
                 raise ValueError(f"masks must be a subset of {MASKS}, got {m!r}")
@@ -593,7 +593,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         if "flex" in backends and cfg.flex_check:
             result["flex"].append(_flex_check(cfg, recs, L, rng, stream, device, recompiles, log))
         result["dynamo_graphs_compiled_during_timed_steps"] = recompiles
-        if cfg.profile and L == cfg.lengths[-1]:
+        if cfg.profile and L == max(cfg.lengths):
             result["profiles"].update(_profile(runner, cfg, configs, timed_ids[0], gen, log))
         result["load_avg_after"] = os.getloadavg()
         if cfg.out:

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent H100 (the `device` tool): environment, GPU tests, attention-kernel benchmark,
+# training-step benchmark (~1.1B Llama, bf16, L = 64K/32K/8K), FlexAttention build/compile/recompile figures,
+# then a short summary table. Installs nothing and needs no network; the project runs from the checkout
+# (PYTHONPATH=$PWD). Every stage has its own `timeout` inside a global budget, and logs go to $OUT even when
+# a stage fails. At most 8 files land in $OUT:
+#
+#   env.txt  pytest_gpu.log  attention_cuda.json  attention_cuda.log
+#   train_step_cuda.json  train_step_cuda.png  train_step_cuda.log  summary.txt
+#
+# Usage (device machine, repository root):   bash scripts/gpu_check.sh
+# CPU dry run with tiny sizes (checks the script end to end here):
+#   bash scripts/gpu_check.sh --dry-run        (or GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh)
+# Knobs: OUT (default ./gpu_check_out), PYTHON (default: the first of python, python3, .venv/bin/python that
+# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 470).
+set -u -o pipefail
+
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/anchorcontext_inductor_cache}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
+if [[ -z "${PYTHON:-}" ]]; then
+  for cand in python python3 .venv/bin/python; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" >/dev/null 2>&1; then PYTHON="$cand"; break; fi
+  done
+fi
+PYTHON="${PYTHON:-python3}"
+
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
+T0=$SECONDS
+STATUS=()
+
+# run_stage NAME SECONDS LOGFILE CMD...: run CMD under `timeout`, capped by what is left of the budget
+# (10 s are kept for the summary); its output goes to LOGFILE and its status to STATUS.
+run_stage() {
+  local name="$1" want="$2" log="$3"; shift 3
+  local left=$(( BUDGET - (SECONDS - T0) - 10 ))
+  local limit=$(( want < left ? want : left ))
+  if (( limit < 5 )); then
+    echo "[$name] skipped: budget spent" | tee -a "$log"
+    STATUS+=("$name: skipped (budget spent)")
+    return 0
+  fi
+  echo "== [$name] (limit ${limit}s, $(( SECONDS - T0 ))s elapsed) $*" | tee -a "$log"
+  local s=$SECONDS
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  local what="ok"
+  (( rc == 124 || rc == 137 )) && what="TIMEOUT after ${limit}s"
+  (( rc != 0 && rc != 124 && rc != 137 )) && what="FAILED rc=$rc"
+  [[ "$1" == "$PYTHON" && "${2:-}" == "-m" && "${3:-}" == "pytest" && $rc == 5 ]] && what="no tests collected"
+  STATUS+=("$name: $what ($(( SECONDS - s ))s)")
+  echo "== [$name] $what in $(( SECONDS - s ))s" | tee -a "$log"
+  tail -n 3 "$log"
+  return 0
+}
+
+if [[ "$DRY" == "1" ]]; then
+  DEVICE=cpu; DTYPE=float32
+  ATT_ARGS=(--device cpu --dtype float32 --lengths 256,512 --heads 4 --kv-heads 2 --head-dim 16 --mean-doc 64
+            --repeats 2 --warmup 1 --threads 1 --backends sdpa)
+  TRAIN_ARGS=(--preset tiny --device cpu --lengths 256 128 --repeats 2 --warmup 1 --threads 1)
+  echo "# gpu_check DRY RUN on CPU with tiny sizes (python: $PYTHON)"
+else
+  DEVICE=cuda; DTYPE=bfloat16
+  # Llama-3.2-1B-like attention shape (32 heads, 8 KV heads, head dim 64), realistic lognormal documents.
+  ATT_ARGS=(--device cuda --dtype bfloat16 --lengths 8192,32768,65536 --heads 32 --kv-heads 8 --head-dim 64
+            --mean-doc 1024 --repeats 5 --warmup 2)
+  # Longest first: the 64K figures are the goal; 8K is the first to go if the budget runs out.
+  TRAIN_ARGS=(--preset gpu-1b --device cuda --lengths 65536 32768 8192 --repeats 2 --warmup 1)
+fi
+
+# ---------------------------------------------------------------------------------------------- 1. env
+{
+  echo "# gpu_check $(date -u +%FT%TZ) dry_run=$DRY python=$PYTHON pwd=$PWD"
+  command -v nvidia-smi >/dev/null 2>&1 && timeout 20 nvidia-smi || echo "nvidia-smi: not available"
+} >"$OUT/env.txt" 2>&1
+run_stage env 40 "$OUT/env.txt" "$PYTHON" - <<'EOF'
+import importlib, os, platform, sys
+import torch
+print("python", sys.version.split()[0], platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", "capability", f"{p.major}.{p.minor}",
+          "bf16", torch.cuda.is_bf16_supported())
+for mod in ("transformers", "accelerate", "flash_attn", "triton", "matplotlib", "pytest"):
+    try:
+        m = importlib.import_module(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(mod, "NOT importable:", type(e).__name__, str(e)[:120])
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    print("torch.nn.attention.varlen.varlen_attn: available")
+except Exception as e:  # noqa: BLE001
+    print("torch.nn.attention.varlen.varlen_attn: NOT available:", type(e).__name__, e)
+try:
+    import torch.nn.attention.flex_attention  # noqa: F401
+    print("flex_attention: importable")
+except Exception as e:  # noqa: BLE001
+    print("flex_attention: NOT importable:", e)
+import anchorcontext
+from anchorcontext.attention.dispatch import resolve_backend
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+print("anchorcontext", anchorcontext.__version__, "from", os.path.dirname(anchorcontext.__file__))
+print("backend auto on", dev, "->", resolve_backend("auto", dev))
+EOF
+
+# -------------------------------------------------------------------------------------------- 2. tests
+run_stage pytest_gpu 110 "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q -x --no-header -p no:cacheprovider tests/gpu
+
+# ------------------------------------------------------------------------------- 3. attention kernels
+run_stage attention 80 "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
+  --out "$OUT/attention_cuda.json"
+
+# --------------------------------------------------------------------------------- 4. training step
+run_stage train_step 270 "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py "${TRAIN_ARGS[@]}" \
+  --out "$OUT/train_step_cuda.json" --png "$OUT/train_step_cuda.png"
+
+# ------------------------------------------------------------------------------------------ 5. summary
+{
+  echo "# gpu_check summary ($(( SECONDS - T0 ))s of ${BUDGET}s budget, dry_run=$DRY, device=$DEVICE, dtype=$DTYPE)"
+  for s in "${STATUS[@]}"; do echo "stage $s"; done
+  echo "pytest: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/pytest_gpu.log" | tail -n 1)"
+  timeout 20 "$PYTHON" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+env = (out / "env.txt").read_text(errors="replace") if (out / "env.txt").exists() else ""
+for line in env.splitlines():
+    if line.startswith(("device ", "torch ", "torch.nn.attention.varlen", "flash_attn", "backend auto")):
+        print(line)
+p = out / "attention_cuda.json"
+if p.exists():
+    a = json.loads(p.read_text())
+    print("\nattention kernel (fwd+bwd, anchor vs full causal SDPA):")
+    print(f"{'L':>6} {'backend':8} {'pass':7} {'full ms':>8} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'frac':>6}")
+    for r in a.get("results", []):
+        print(f"{r['L']:6d} {r['backend']:8} {r.get('pass', ''):7} {r['full_ms']:8.2f} {r['anchor_ms']:9.2f} "
+              f"{r['speedup']:7.2f} {r['flop_limit']:6.2f} {r['fraction_of_limit']:6.1%}")
+else:
+    print("\nattention kernel: no results")
+p = out / "train_step_cuda.json"
+if p.exists():
+    t = json.loads(p.read_text())
+    mr = t.get("matmul_rate") or {}
+    print(f"\ntraining step ({t['config']['n_params'] / 1e6:.0f}M params, {t['config']['dtype']}, "
+          f"grad_ckpt={t['config']['grad_ckpt']}; dense matmul {mr.get('tflops', float('nan')):.3g} TFLOP/s):")
+    print(f"{'L':>6} {'backend':8} {'mode':9} {'step s':>7} {'tok/s':>8} {'x stock':>7} {'limit':>6} "
+          f"{'frac':>5} {'peak GiB':>8} {'TFLOP/s':>7} {'%mm':>4}")
+    for r in t.get("results", []):
+        if not r.get("step_s"):
+            print(f"{r['L']:6d} {r['backend']:8} {r['mode']:9} ERROR {r.get('error')}")
+            continue
+        f = lambda x, s: "-" if x is None else format(x, s)  # noqa: E731
+        print(f"{r['L']:6d} {r['backend']:8} {r['mode']:9} {r['step_s']:7.3f} {r['tokens_per_s']:8.0f} "
+              f"{f(r['speedup_vs_stock'], '7.2f')} {r['step_flop_ratio']:6.2f} {f(r['fraction_of_limit_vs_stock'], '5.0%')} "
+              f"{f(None if r['peak_mem_bytes'] is None else r['peak_mem_bytes'] / 2**30, '8.1f')} "
+              f"{f(r['achieved_tflops'], '7.1f')} {f(r['fraction_of_matmul_rate'], '4.0%')}")
+    for fx in t.get("flex", []):
+        print(f"flex L={fx['L']}: BlockMask build {fx['block_mask_build_s'] * 1e3:.1f} ms; "
+              + "; ".join(f"{m}: build/step {fx[m + '_build_fraction_of_step']:.1%}, compile~{fx[m + '_compile_s_est']:.1f}s"
+                          for m in ("full", "intra_doc", "anchor") if m + "_build_fraction_of_step" in fx)
+              + f"; graphs compiled while layouts changed at fixed L: {fx['dynamo_graphs_compiled_during_timed_steps']}")
+else:
+    print("\ntraining step: no results")
+EOF
+} 2>&1 | tee "$OUT/summary.txt"
+ls -la "$OUT"
+exit 0
