@@ -58,12 +58,16 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
         vs = value[b].split(rows[b], dim=1)
         # the anchor is always the row's first segment (index 0) in anchor mode
         qa, ka, va = qs[0], ks[0], vs[0]
+        if qa.dtype in (torch.float16, torch.bfloat16):
+            # the anchor's gradient sums one term per document: accumulate it in float32 (a half-precision
+            # running sum over many documents loses several bits), rounding once at the end
+            qa, ka, va = qa.float(), ka.float(), va.float()
         row_out = []
         for qi, ki, vi, a in zip(qs, ks, vs, anchors[b]):
             if a:
                 o = _sdpa(
-                    torch.cat([qa, qi], dim=1)[None], torch.cat([ka, ki], dim=1)[None],
-                    torch.cat([va, vi], dim=1)[None], **kw,
+                    torch.cat([qa.to(qi.dtype), qi], dim=1)[None], torch.cat([ka.to(ki.dtype), ki], dim=1)[None],
+                    torch.cat([va.to(vi.dtype), vi], dim=1)[None], **kw,
                 )[0, :, 1:]
             else:
                 o = _sdpa(qi[None], ki[None], vi[None], **kw)[0]

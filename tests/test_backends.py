@@ -1,0 +1,400 @@
+"""Every backend against the float64 dense reference, forward and gradients (q, k, v).
+
+Tolerances follow flash-attn's test suite (``tests/test_flash_attn.py``): a backend's error against the
+float64 oracle may be at most a small multiple of the error of the plain torch reference computed in the
+*same* dtype, plus a small eps (2x for the output, 3x for dq, dk, dv as flash-attn uses)::
+
+    err(backend, ref64) <= m * err(ref_same_dtype, ref64) + eps
+
+The varlen backend runs on CPU through ``tests/flash_standin.py`` (flash-attn's documented semantics),
+so its gather, cu_seqlens and bottom-right causal alignment are exercised. FlexAttention has no CPU
+backward: it is checked forward-only under ``no_grad``, always at ``(B, L) = (2, FLEX_L)`` with the
+head shapes of ``test_layout.py`` so that compiles are shared (each new shape/option recompiles).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+import torch
+
+import flash_standin
+from anchorcontext import AnchorLayout, anchor_attention, dispatch
+from anchorcontext.attention import (
+    BACKENDS,
+    block_mask_for,
+    flex_attention_backend,
+    reference_attention,
+    resolve_backend,
+    sdpa_attention,
+    varlen,
+    varlen_attention,
+)
+
+dispatch_module = importlib.import_module("anchorcontext.attention.dispatch")
+
+L = 61  # odd, not a multiple of any block size
+FLEX_L = 64  # shared with test_layout.py
+MODES = ("anchor", "intra_doc", "full")
+EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+def row(lengths: list[int], length: int) -> list[int]:
+    ids = [0]
+    for d, n in enumerate(lengths, start=1):
+        ids += [d] * n
+    assert len(ids) <= length, (lengths, length)
+    return ids + [-1] * (length - len(ids))
+
+
+# Each case: a function of the row length giving one list of document lengths per row.
+CASES = {
+    "odd_lengths": lambda n: [[7, 13, 5, 21, 9]],
+    "one_token_docs": lambda n: [[1, 1, 3, 1, 1, 2, 1, 17, 1, 1, 5]],
+    "single_doc": lambda n: [[n - 1]],
+    "many_docs": lambda n: [[1] * 50 + [2, 3, 1, 2, n - 59]],  # 55 documents, no padding
+    "trailing_padding": lambda n: [[10, 20]],
+    "batch_mixed": lambda n: [[7, 13, 5, 21, 9], [n - 1], [], [1] * 30 + [n - 31]],  # row 2: no document
+}
+
+
+def doc_ids(case: str, length: int = L) -> torch.Tensor:
+    return torch.tensor([row(lens, length) for lens in CASES[case](length)])
+
+
+def make_qkv(B, H, Hkv, n, D, dtype):
+    q = torch.randn(B, H, n, D).to(dtype)
+    k = torch.randn(B, Hkv, n, D).to(dtype)
+    v = torch.randn(B, Hkv, n, D).to(dtype)
+    return q, k, v
+
+
+def run(fn, q, k, v, layout, dout=None, **kw):
+    """Output and, when ``dout`` is given, (dq, dk, dv) for ``fn``."""
+    q, k, v = (t.detach().requires_grad_(dout is not None) for t in (q, k, v))
+    out = fn(q, k, v, layout, **kw)
+    if dout is None:
+        return out.detach(), None
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+    return out.detach(), grads
+
+
+def ref64(q, k, v, layout, **kw):
+    return reference_attention(q, k, v, layout, compute_dtype=torch.float64, **kw)
+
+
+def ref_same_dtype(q, k, v, layout, **kw):
+    return reference_attention(q, k, v, layout, compute_dtype=q.dtype, **kw)
+
+
+def reference32(q, k, v, layout, **kw):
+    return reference_attention(q, k, v, layout, compute_dtype=torch.float32, **kw)
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_oracle(fn, q, k, v, layout, *, grad=True, **kw):
+    """Assert the flash-attn style bound on the output and (optionally) dq, dk, dv."""
+    dtype = q.dtype
+    dout = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if grad else None
+    out64, g64 = run(ref64, q.double(), k.double(), v.double(), layout, dout, **kw)
+    out_pt, g_pt = run(ref_same_dtype, q, k, v, layout, dout, **kw)
+    if grad:
+        out, g = run(fn, q, k, v, layout, dout, **kw)
+    else:
+        with torch.no_grad():
+            out, g = run(fn, q, k, v, layout, None, **kw)
+    assert out.shape == out64.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    names = ["out"] + (["dq", "dk", "dv"] if grad else [])
+    fast = [out] + (list(g) if grad else [])
+    pt = [out_pt] + (list(g_pt) if grad else [])
+    exact = [out64] + (list(g64) if grad else [])
+    for name, f, p, x in zip(names, fast, pt, exact):
+        assert f.shape == x.shape, name
+        e_fast, e_pt = err(f, x), err(p, x)
+        m = 2 if name == "out" else 3
+        assert e_fast <= m * e_pt + EPS[dtype], f"{name}: err {e_fast:.3g} > {m} * {e_pt:.3g} + {EPS[dtype]}"
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", flash_standin.flash_attn_varlen_func)
+    flash_standin.CALLS.clear()
+    return flash_standin
+
+
+TRAINABLE = {"reference32": reference32, "sdpa": sdpa_attention, "varlen": varlen_attention}
+
+
+# ----------------------------------------------------------------------------- forward + gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", list(TRAINABLE))
+def test_backend_matches_reference(backend, case, mode, dtype, standin):
+    ids = doc_ids(case)
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    q, k, v = make_qkv(ids.shape[0], 4, 4, L, 16, dtype)
+    check_against_oracle(TRAINABLE[backend], q, k, v, layout)
+    if backend == "varlen":  # the stand-in really ran, with the layout's metadata
+        (call,) = standin.CALLS
+        assert call["causal"] and call["num_segments"] == layout.num_segments
+        assert (call["max_seqlen_q"], call["max_seqlen_k"]) == (layout.max_seqlen_q, layout.max_seqlen_k)
+
+
+OPTIONS = {
+    "gqa": dict(heads=(4, 2)),
+    "mqa": dict(heads=(4, 1)),
+    "window3": dict(sliding_window=3),
+    "window8": dict(sliding_window=8),
+    "window1": dict(sliding_window=1),
+    "scaling": dict(scaling=0.37),
+    "softcap": dict(softcap=2.0),
+    "gqa_window_softcap": dict(heads=(6, 2), sliding_window=5, softcap=1.5),
+}
+
+
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [(m, torch.float32) for m in MODES] + [("anchor", torch.bfloat16)],
+    ids=["anchor-fp32", "intra_doc-fp32", "full-fp32", "anchor-bf16"],
+)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("backend", list(TRAINABLE))
+def test_backend_options_match_reference(backend, option, mode, dtype, standin):
+    kw = dict(OPTIONS[option])
+    H, Hkv = kw.pop("heads", (4, 4))
+    ids = doc_ids("batch_mixed")
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    q, k, v = make_qkv(ids.shape[0], H, Hkv, L, 16, dtype)
+    if backend == "sdpa" and "softcap" in kw:
+        with pytest.raises(ValueError, match="softcap is not supported by the 'sdpa' backend"):
+            sdpa_attention(q, k, v, layout, **kw)
+        return
+    check_against_oracle(TRAINABLE[backend], q, k, v, layout, **kw)
+    if backend == "varlen":
+        (call,) = standin.CALLS
+        W = kw.get("sliding_window")
+        assert call["window_size"] == ((-1, -1) if W is None else (W - 1, 0))
+        assert call["softcap"] == kw.get("softcap", 0.0)
+
+
+def test_options_change_the_result():
+    """The option tests above are meaningful: window, softcap and scaling each change the output."""
+    ids = doc_ids("batch_mixed")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(ids.shape[0], 4, 4, L, 16, torch.float64)
+    base = reference_attention(q, k, v, layout)
+    for kw in (dict(sliding_window=3), dict(sliding_window=8), dict(softcap=2.0), dict(scaling=0.37)):
+        assert err(reference_attention(q, k, v, layout, **kw), base) > 1e-2, kw
+
+
+def test_anchor_gradient_sums_over_documents(standin):
+    """The anchor's dk/dv collect every document's contribution (index_select / split backward)."""
+    ids = doc_ids("many_docs")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(1, 2, 2, L, 8, torch.float64)
+    dout = torch.randn(1, L, 2, 8, dtype=torch.float64)
+    _, g_ref = run(reference_attention, q, k, v, layout, dout)
+    for fn in (sdpa_attention, varlen_attention):
+        _, g = run(fn, q, k, v, layout, dout)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a[:, :, 0], b[:, :, 0], rtol=1e-9, atol=1e-9)
+    # the anchor's dv is the sum of every document's contribution: more than any single query gives
+    p_anchor = torch.softmax(
+        torch.einsum("bhqd,bhkd->bhqk", q, k) / 8**0.5 + torch.where(layout.dense_mask()[:, None], 0.0, float("-inf")),
+        dim=-1,
+    )[..., 0]  # (B, H, L): weight each query gives the anchor
+    torch.testing.assert_close(g_ref[2][:, :, 0], torch.einsum("bhq,bqhd->bhd", p_anchor, dout))
+
+
+def test_dropout_runs_and_zero_dropout_is_deterministic():
+    ids = doc_ids("odd_lengths")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(1, 2, 2, L, 8, torch.float32)
+    a = sdpa_attention(q, k, v, layout, dropout=0.5)
+    b = sdpa_attention(q, k, v, layout, dropout=0.0)
+    assert torch.isfinite(a).all() and err(a, b) > 1e-3
+    torch.testing.assert_close(b, sdpa_attention(q, k, v, layout), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------- flex (CPU, forward)
+
+FLEX_PAIRS = [("odd_lengths", "single_doc"), ("many_docs", "trailing_padding"), ("one_token_docs", None)]
+
+
+def flex_ids(a: str, b: str | None) -> torch.Tensor:
+    second = row([], FLEX_L) if b is None else row(CASES[b](FLEX_L)[0], FLEX_L)  # None: no document
+    return torch.tensor([row(CASES[a](FLEX_L)[0], FLEX_L), second])
+
+
+@pytest.mark.parametrize("pair", FLEX_PAIRS, ids=lambda p: f"{p[0]}+{p[1]}")
+@pytest.mark.parametrize("mode,window", [("anchor", None), ("intra_doc", None), ("full", None), ("anchor", 3)])
+def test_flex_forward_matches_reference(pair, mode, window):
+    layout = AnchorLayout.from_doc_ids(flex_ids(*pair), mode)
+    q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)  # same shapes as test_layout's probe
+    check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, sliding_window=window)
+
+
+def test_flex_forward_gqa_softcap():
+    for pair in FLEX_PAIRS[:2]:
+        layout = AnchorLayout.from_doc_ids(flex_ids(*pair))
+        q, k, v = make_qkv(2, 4, 2, FLEX_L, FLEX_L, torch.float32)
+        check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, softcap=2.0)
+
+
+def test_flex_forward_bf16():
+    for pair in FLEX_PAIRS[:2]:
+        layout = AnchorLayout.from_doc_ids(flex_ids(*pair))
+        q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.bfloat16)
+        check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False)
+
+
+def test_flex_block_mask_built_once_per_layout(monkeypatch):
+    """Layers share the layout's cached BlockMask; a new layout builds its own."""
+    import torch.nn.attention.flex_attention as fa
+
+    built = []
+    real = fa.create_block_mask
+
+    def counting(*args, **kwargs):
+        built.append(args[0].__name__)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "create_block_mask", counting)
+    layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
+    q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
+    with torch.no_grad():
+        outs = [flex_attention_backend(q, k, v, layout) for _ in range(3)]  # three "layers"
+    assert built == ["anchor_mask"]
+    assert block_mask_for(layout) is block_mask_for(layout)
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+    with torch.no_grad():
+        flex_attention_backend(q, k, v, AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[1])))
+    assert built == ["anchor_mask", "anchor_mask"]
+
+
+def test_flex_cpu_grad_raises_clear_error():
+    layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
+    q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="backend='flex' has no backward on CPU"):
+        flex_attention_backend(q, k, v, layout)
+    with pytest.raises(ValueError, match="backend='flex' has no backward on CPU"):
+        anchor_attention(q, k, v, layout, backend="flex")
+    with pytest.raises(ValueError, match="dropout=0.1 is not supported by the 'flex' backend"):
+        flex_attention_backend(q, k, v, layout, dropout=0.1)
+
+
+# ---------------------------------------------------------------------------- dispatch and entry point
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    monkeypatch.setattr(dispatch_module, "_logged", set())
+
+
+def test_dispatch_choice_on_cpu(fresh_log, monkeypatch):
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "sdpa"
+    assert resolve_backend("auto", cpu, needs_grad=False) == "sdpa"  # flex is off on CPU
+    assert resolve_backend("auto", cpu, dropout=0.1) == "sdpa"
+    assert resolve_backend("auto", cpu, softcap=30.0) == "reference"  # sdpa cannot softcap
+    for name in BACKENDS:
+        assert resolve_backend(name, cpu) == name
+    assert dispatch() is sdpa_attention and dispatch("auto", softcap=5.0) is reference_attention
+    assert dispatch("flex") is flex_attention_backend
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*got 'flash'"):
+        resolve_backend("flash", cpu)
+
+
+def test_dispatch_prefers_flash_kernel_when_present(fresh_log, standin):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "varlen"
+    assert resolve_backend("auto", cpu, softcap=30.0) == "varlen"  # flash-attn has softcap
+
+
+def test_dispatch_logs_reason_once(fresh_log, monkeypatch, caplog):
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
+    with caplog.at_level(logging.INFO, logger="anchorcontext"):
+        for _ in range(3):
+            resolve_backend("auto", torch.device("cpu"))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "anchorcontext"]
+    assert sum("varlen backend off" in m for m in msgs) == 1, msgs
+    assert sum("flex is off on CPU" in m for m in msgs) == 1, msgs
+
+
+def test_varlen_without_kernel_on_cpu_raises(monkeypatch):
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
+    layout = AnchorLayout.from_doc_ids(doc_ids("odd_lengths"))
+    q, k, v = make_qkv(1, 2, 2, L, 8, torch.float32)
+    with pytest.raises(ValueError, match="backend='varlen' cannot run: varlen needs CUDA tensors"):
+        varlen_attention(q, k, v, layout)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anchor_attention_accepts_ids_or_layout(mode, fresh_log, monkeypatch):
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
+    ids = doc_ids("batch_mixed")
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    q, k, v = make_qkv(ids.shape[0], 4, 2, L, 16, torch.float64)
+    expected = reference_attention(q, k, v, layout)
+    by_ids = anchor_attention(q, k, v, ids, mask=mode)  # auto -> sdpa on CPU
+    by_layout = anchor_attention(q, k, v, layout)
+    by_layout_named = anchor_attention(q, k, v, layout, mask=mode)
+    for out in (by_ids, by_layout, by_layout_named):
+        assert out.shape == (ids.shape[0], L, 4, 16)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    capped = anchor_attention(q, k, v, ids, mask=mode, softcap=1.0)  # auto -> reference
+    torch.testing.assert_close(capped, reference_attention(q, k, v, layout, softcap=1.0), rtol=0, atol=0)
+
+
+def test_anchor_attention_default_mask_is_anchor():
+    ids = doc_ids("odd_lengths")
+    q, k, v = make_qkv(1, 2, 2, L, 8, torch.float64)
+    out = anchor_attention(q, k, v, ids, backend="reference")
+    torch.testing.assert_close(out, reference_attention(q, k, v, AnchorLayout.from_doc_ids(ids, "anchor")))
+
+
+# ------------------------------------------------------------------------------------- argument errors
+
+
+def test_argument_errors():
+    ids = doc_ids("odd_lengths")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(1, 4, 2, L, 8, torch.float32)
+    cases = [
+        (dict(layout=AnchorLayout.from_doc_ids(ids, "full"), mask="anchor"),
+         r"mask='anchor' disagrees with the layout's mask 'full'"),
+        (dict(layout=ids.tolist()), r"layout must be an AnchorLayout or a \(B, L\) doc-id tensor, got list"),
+        (dict(layout=ids, mask="causal"), r"mask must be one of .*got 'causal'"),
+        (dict(query=q[0]), r"query/key/value must be 4-D \(B, H, L, D\); got \(4, 61, 8\)"),
+        (dict(value=v[:, :1]), r"key shape \(1, 2, 61, 8\) != value shape \(1, 1, 61, 8\)"),
+        (dict(key=k[..., :4], value=v[..., :4]), r"key shape \(1, 2, 61, 4\) does not match query shape \(1, 4, 61, 8\)"),
+        (dict(key=torch.randn(1, 3, L, 8), value=torch.randn(1, 3, L, 8)),
+         r"query heads \(4\) must be a multiple of key/value heads \(3\)"),
+        (dict(layout=torch.tensor([row([7, 13], 40)])), r"layout has shape \(1, 40\) but query has \(B, L\) = \(1, 61\)"),
+        (dict(key=k.double()), r"key dtype torch.float64 != query dtype torch.float32"),
+        (dict(value=v.bfloat16()), r"value dtype torch.bfloat16 != query dtype torch.float32"),
+        (dict(softcap=0.0), r"softcap must be > 0 or None, got 0.0"),
+        (dict(softcap=-1.0), r"softcap must be > 0 or None, got -1.0"),
+        (dict(sliding_window=0), r"sliding_window must be >= 1 or None, got 0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
+        (dict(backend="triton"), r"backend must be 'auto' or one of .*got 'triton'"),
+    ]
+    for backend in ("reference", "sdpa", "varlen"):
+        for over, pattern in cases:
+            args = dict(query=q, key=k, value=v, layout=layout, backend=backend) | over
+            with pytest.raises(ValueError, match=pattern):
+                anchor_attention(
+                    args.pop("query"), args.pop("key"), args.pop("value"), args.pop("layout"), **args
+                )
