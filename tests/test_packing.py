@@ -218,7 +218,8 @@ def test_last_drop_removes_only_a_partial_last_row(case, overflow):
     assert dropped == (padded[:-1] if partial else padded)
     assert stats.dropped_last_rows == int(partial)
     assert stats.dropped_last_tokens == (sum(padded[-1]["doc_lens"]) if partial else 0)
-    assert all(sum(r["doc_lens"]) == seq_len - 1 for r in dropped)
+    if overflow == "split":  # with "drop", earlier rows close early when the next document does not fit
+        assert all(sum(r["doc_lens"]) == seq_len - 1 for r in dropped)
     assert stats.tokens_in == stats.tokens_packed + stats.dropped_tokens + stats.dropped_last_tokens
 
 
