@@ -144,6 +144,7 @@ class DocumentPacker:
         lens: list[int] = []
         used = 0
         st = self.stats
+        drops0, dropped_tok0 = st.dropped_documents, st.dropped_tokens  # stats accumulate across calls
         any_doc = False
         for i, doc in enumerate(documents):
             any_doc = True
@@ -189,10 +190,11 @@ class DocumentPacker:
                 st.dropped_last_rows += 1
                 st.dropped_last_tokens += used
                 logger.info("anchorcontext.pack: dropped the last partial row (%d tokens; last='drop')", used)
-        if st.dropped_documents:
+        if st.dropped_documents > drops0:  # report this call's drops (once per map batch, not cumulatively)
             logger.warning(
-                "anchorcontext.pack: dropped %d documents (%d tokens) longer than a row (overflow='drop')",
-                st.dropped_documents, st.dropped_tokens,
+                "anchorcontext.pack: dropped %d documents (%d tokens) longer than a row (overflow='drop'; "
+                "%d documents in total so far)",
+                st.dropped_documents - drops0, st.dropped_tokens - dropped_tok0, st.dropped_documents,
             )
 
     def _emit(self, buf, lens, used) -> dict:

@@ -223,6 +223,18 @@ def test_last_drop_removes_only_a_partial_last_row(case, overflow):
     assert stats.tokens_in == stats.tokens_packed + stats.dropped_tokens + stats.dropped_last_tokens
 
 
+def test_drop_warning_reports_each_call_once(caplog):
+    packer = DocumentPacker(seq_len=4, anchor_id=1, overflow="drop")
+    with caplog.at_level("WARNING", logger="anchorcontext"):
+        list(packer.iter_rows([[2, 3, 4, 5, 6], [7]]))
+        assert len(caplog.records) == 1 and "dropped 1 documents (5 tokens)" in caplog.text
+        list(packer.iter_rows([[7], [8]]))  # e.g. the next Dataset.map batch: nothing dropped, nothing logged
+        assert len(caplog.records) == 1
+        list(packer.iter_rows([[2, 3, 4, 5]]))
+        assert len(caplog.records) == 2 and "2 documents in total so far" in caplog.records[-1].getMessage()
+    assert packer.stats.dropped_documents == 2 and packer.stats.dropped_tokens == 9
+
+
 def test_drop_full_final_row_is_kept_with_last_drop():
     rows, stats = pack_documents([[5, 6, 7]], seq_len=4, anchor_id=1, overflow="drop", last="drop")
     assert [r["input_ids"] for r in rows] == [[1, 5, 6, 7]] and stats.dropped_last_rows == 0
