@@ -219,8 +219,8 @@ class DocumentPacker:
         if self.positions is not None:
             out["position_ids"] = []
         for row in self.iter_rows(batch[self.column]):
-            for k in out:
-                out[k].append(row[k])
+            for k, col in out.items():
+                col.append(row[k])
         return out
 
 

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anchorcontext import AnchorCollator, AnchorLayout, DocumentPacker  # noqa: E402
+from anchorcontext import AnchorCollator, AnchorLayout, DocumentPacker
 
 BOS, PAD = 1, 0
 
@@ -49,7 +49,7 @@ def make_corpus(tokens: int, mean: float, sigma: float, vocab: int, seed: int) -
     mu = math.log(mean) - sigma**2 / 2  # E[len] = exp(mu + sigma^2 / 2) = mean
     docs, total = [], 0
     while total < tokens:
-        n = max(1, int(round(rng.lognormal(mu, sigma))))
+        n = max(1, round(rng.lognormal(mu, sigma)))
         docs.append([BOS] + rng.integers(2, vocab, size=n).tolist())
         total += n + 1
     return docs

@@ -127,7 +127,7 @@ def test_collator_bad_features(features, match):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [(dict(mask="causal"), "mask must be one of"), (dict(positions="absolute"), "positions must be one of")],
+    [({"mask": "causal"}, "mask must be one of"), ({"positions": "absolute"}, "positions must be one of")],
 )
 def test_collator_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -147,18 +147,18 @@ def test_anchor_inputs_for_own_packing():
 @pytest.mark.parametrize(
     "doc_ids, kw, match",
     [
-        ([[0, 1, 1]], dict(), "doc_ids must be a torch.Tensor"),
-        (torch.tensor([0, 1, 1]), dict(), r"doc_ids must have shape \(B, L\), got shape \(3,\)"),
-        (torch.tensor([[0.0, 1.0]]), dict(), "doc_ids must be an integer tensor, got dtype torch.float32"),
-        (torch.zeros(0, 4, dtype=torch.long), dict(), "empty batch"),
-        (torch.tensor([[0, 1], [1, 1]]), dict(), r"doc_ids\[1, 0\] must be the anchor id 0, got 1"),
-        (torch.tensor([[0, 1, 0]]), dict(), r"doc_ids\[0, 2\] is the anchor id 0"),
-        (torch.tensor([[0, 1, -2]]), dict(), r"doc_ids\[0, 2\] = -2 is invalid"),
-        (torch.tensor([[0, -1, 1]]), dict(), r"doc_ids\[0, 2\] = 1 follows padding"),
-        (torch.tensor([[0, 1, 3]]), dict(), r"non-contiguous document ids"),
-        (torch.tensor([[0, 1, 2, 1]]), dict(), r"doc_ids\[0, 3\] = 1 after 2: decreasing document ids"),
-        (torch.tensor([[0, 1]]), dict(mask="none"), "mask must be one of"),
-        (torch.tensor([[0, 1]]), dict(positions="rope"), "positions must be one of"),
+        ([[0, 1, 1]], {}, "doc_ids must be a torch.Tensor"),
+        (torch.tensor([0, 1, 1]), {}, r"doc_ids must have shape \(B, L\), got shape \(3,\)"),
+        (torch.tensor([[0.0, 1.0]]), {}, "doc_ids must be an integer tensor, got dtype torch.float32"),
+        (torch.zeros(0, 4, dtype=torch.long), {}, "empty batch"),
+        (torch.tensor([[0, 1], [1, 1]]), {}, r"doc_ids\[1, 0\] must be the anchor id 0, got 1"),
+        (torch.tensor([[0, 1, 0]]), {}, r"doc_ids\[0, 2\] is the anchor id 0"),
+        (torch.tensor([[0, 1, -2]]), {}, r"doc_ids\[0, 2\] = -2 is invalid"),
+        (torch.tensor([[0, -1, 1]]), {}, r"doc_ids\[0, 2\] = 1 follows padding"),
+        (torch.tensor([[0, 1, 3]]), {}, r"non-contiguous document ids"),
+        (torch.tensor([[0, 1, 2, 1]]), {}, r"doc_ids\[0, 3\] = 1 after 2: decreasing document ids"),
+        (torch.tensor([[0, 1]]), {"mask": "none"}, "mask must be one of"),
+        (torch.tensor([[0, 1]]), {"positions": "rope"}, "positions must be one of"),
     ],
 )
 def test_anchor_inputs_validation(doc_ids, kw, match):

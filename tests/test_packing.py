@@ -195,7 +195,7 @@ def test_drop_whole_documents_in_order_greedy(case):
     assert stats.split_documents == 0
     assert stats.tokens_in == stats.tokens_packed + stats.dropped_tokens
     # greedy: a row is closed only when the next document does not fit into it
-    for (_, lens), (_, nxt) in zip(got, got[1:]):
+    for (_, lens), (_, nxt) in itertools.pairwise(got):
         assert sum(lens) + nxt[0] > room
 
 
@@ -211,7 +211,7 @@ def test_drop_counts_and_reports(caplog):
 @given(corpus(), st.sampled_from(["split", "drop"]))
 def test_last_drop_removes_only_a_partial_last_row(case, overflow):
     seq_len, docs = case
-    kw = dict(seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, overflow=overflow)
+    kw = {"seq_len": seq_len, "anchor_id": ANCHOR, "pad_id": PAD, "overflow": overflow}
     padded, _ = pack_documents(docs, **kw)
     dropped, stats = pack_documents(docs, last="drop", **kw)
     partial = bool(padded) and sum(padded[-1]["doc_lens"]) < seq_len - 1
@@ -350,10 +350,10 @@ def test_numpy_integer_arguments_are_accepted():
 @pytest.mark.parametrize(
     "doc, kw, match",
     [
-        ([3, 50], dict(vocab_size=50), r"document 1 has token id 50 outside the vocabulary \[0, 50\)"),
-        ([3, -1], dict(), r"document 1 has token id -1 outside the vocabulary"),
-        ([3, 2.5], dict(), r"document 1 must hold integer token ids, got dtype float64"),
-        ([[3, 4], [5, 6]], dict(), r"document 1 must be a flat list of token ids, got shape \(2, 2\)"),
+        ([3, 50], {"vocab_size": 50}, r"document 1 has token id 50 outside the vocabulary \[0, 50\)"),
+        ([3, -1], {}, r"document 1 has token id -1 outside the vocabulary"),
+        ([3, 2.5], {}, r"document 1 must hold integer token ids, got dtype float64"),
+        ([[3, 4], [5, 6]], {}, r"document 1 must be a flat list of token ids, got shape \(2, 2\)"),
     ],
 )
 def test_bad_token_ids(doc, kw, match):
@@ -364,13 +364,13 @@ def test_bad_token_ids(doc, kw, match):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(anchor_id=50, vocab_size=50), r"anchor_id must be a token id in \[0, vocab_size=50\), got 50"),
-        (dict(anchor_id=-1), r"anchor_id must be a token id.*got -1"),
-        (dict(anchor_id=1, pad_id=60, vocab_size=50), r"pad_id must be a token id.*got 60"),
-        (dict(anchor_id=1, vocab_size=0), r"vocab_size must be a positive int or None, got 0"),
-        (dict(anchor_id=1, overflow="truncate"), r"overflow must be 'split' or 'drop', got 'truncate'"),
-        (dict(anchor_id=1, last="keep"), r"last must be 'pad' or 'drop', got 'keep'"),
-        (dict(anchor_id=1, positions="absolute"), r"positions must be one of \('continuous', 'reset'\), got 'absolute'"),
+        ({"anchor_id": 50, "vocab_size": 50}, r"anchor_id must be a token id in \[0, vocab_size=50\), got 50"),
+        ({"anchor_id": -1}, r"anchor_id must be a token id.*got -1"),
+        ({"anchor_id": 1, "pad_id": 60, "vocab_size": 50}, r"pad_id must be a token id.*got 60"),
+        ({"anchor_id": 1, "vocab_size": 0}, r"vocab_size must be a positive int or None, got 0"),
+        ({"anchor_id": 1, "overflow": "truncate"}, r"overflow must be 'split' or 'drop', got 'truncate'"),
+        ({"anchor_id": 1, "last": "keep"}, r"last must be 'pad' or 'drop', got 'keep'"),
+        ({"anchor_id": 1, "positions": "absolute"}, r"positions must be one of \('continuous', 'reset'\), got 'absolute'"),
     ],
 )
 def test_bad_packer_options(kw, match):
