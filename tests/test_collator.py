@@ -111,6 +111,21 @@ def test_missing_doc_lens_names_remove_unused_columns():
         AnchorCollator(anchor_id=1)([ROWS[0], ROWS[1], {"input_ids": ROWS[2]["input_ids"]}])
 
 
+def test_trainer_column_removal():
+    # what Trainer(remove_unused_columns=True) does to each feature before the collator (LlamaForCausalLM.forward)
+    from transformers.trainer_utils import RemoveColumnsCollator
+
+    signature = ["input_ids", "attention_mask", "position_ids", "labels", "label", "label_ids"]
+    wrapped = RemoveColumnsCollator(AnchorCollator(anchor_id=1, pad_id=0), signature)
+    with pytest.raises(ValueError, match=r"no 'doc_lens'.*remove_unused_columns=False"):
+        wrapped(ROWS)
+    # plain documents keep their input_ids under the default: the collator packs them itself
+    packing = RemoveColumnsCollator(AnchorCollator(anchor_id=1, pad_id=0, seq_len=8), signature)
+    batch = packing([{"input_ids": [1] + r["input_ids"][1 : 1 + sum(r["doc_lens"])], "text": "x"} for r in ROWS])
+    assert batch["input_ids"].tolist() == [[1, 11, 12, 13, 21, 22, 31, 41], [1, 42, 43, 44, 45, 46, 47, 51],
+                                           [1, 61, 62, 0, 0, 0, 0, 0]]
+
+
 @pytest.mark.parametrize(
     "features, match",
     [
