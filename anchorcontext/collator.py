@@ -7,6 +7,7 @@ padding. Trainer's ``num_items_in_batch`` then normalises correctly across gradi
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,6 +106,11 @@ class AnchorCollator:
             self.pad_id = 0 if pad is None else int(pad)
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, numbers.Integral)
+                                         or self.seq_len < 2):
+            raise ValueError(f"seq_len must be None or an int >= 2 (anchor + at least one token), got {self.seq_len!r}")
+        if self.return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt' (AnchorLayout holds torch tensors), got {self.return_tensors!r}")
 
     def _pack(self, features: Sequence[dict]) -> list[dict]:
         if self.anchor_id is None:

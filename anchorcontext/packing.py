@@ -17,6 +17,10 @@ Usage::
     packer = DocumentPacker(seq_len=4096, anchor_id=tok.bos_token_id, pad_id=tok.pad_token_id)
     packed = tokenized.map(packer, batched=True, remove_columns=tokenized.column_names)   # datasets
     rows = packer.iter_rows(iterable_of_token_lists)                                       # streaming
+
+With ``Dataset.map`` (and ``IterableDataset.map``) each map batch is packed on its own, so every batch ends
+with its own partial row (padded, or dropped with ``last="drop"``): a larger ``batch_size`` wastes less.
+``iter_rows`` over a whole stream (e.g. ``(ex["input_ids"] for ex in iterable_dataset)``) has one last row.
 """
 
 from __future__ import annotations

@@ -142,7 +142,13 @@ def test_collator_bad_features(features, match):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"mask": "causal"}, "mask must be one of"), ({"positions": "absolute"}, "positions must be one of")],
+    [
+        ({"mask": "causal"}, "mask must be one of"),
+        ({"positions": "absolute"}, "positions must be one of"),
+        ({"seq_len": 1}, r"seq_len must be None or an int >= 2 .*got 1"),
+        ({"seq_len": 8.0}, r"seq_len must be None or an int >= 2 .*got 8.0"),
+        ({"return_tensors": "np"}, "return_tensors must be 'pt'.*got 'np'"),
+    ],
 )
 def test_collator_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
