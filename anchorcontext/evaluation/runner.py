@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import time
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .ruler import DEFAULT_TASKS, TASKS, RulerGenerator, Sample, parse_lengths, parse_tasks, score_prediction
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GenerateFn", "evaluate", "format_table", "hf_generate_fn", "summarise", "write_outputs"]
 
@@ -117,6 +120,17 @@ def evaluate(
     else:
         raise ValueError(f"model must be a Hugging Face causal LM or a generate callable, got {type(model).__name__}")
 
+    if is_hf:
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        longest = max(lens) + max(TASKS[t].max_new_tokens for t in names)
+        if max_pos and longest > max_pos:
+            logger.warning(
+                "prompts of %d tokens plus generation exceed the model's max_position_embeddings=%d "
+                "(RoPE extrapolation without scaling: expect degraded scores past %d)",
+                max(lens),
+                max_pos,
+                max_pos,
+            )
     gen = RulerGenerator(tokenizer, seed=seed, bos=bos)
     t0 = time.perf_counter()
     all_samples: list[Sample] = gen.generate(names, lens, samples, depths)  # validates everything up front
