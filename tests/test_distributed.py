@@ -89,6 +89,107 @@ def test_ulysses_sp2_matches_single_process(tmp_path):
         assert "anchor layout has length" in d["not_gathered_error"], d["not_gathered_error"]
 
 
+@needs_ds
+def test_zero3_accelerate_sp2_grad_accum_matches_single_process(tmp_path):
+    """ZeRO-3 + SP=2 via accelerate, 2 accumulated micro-batches (40 and 34 targets): one SGD step equals the
+    single-process token-weighted step; the same recipe on ZeRO-2 is exactly 2x (the refused trap)."""
+    for r, d in enumerate(_launch("zero3_accelerate", tmp_path)):
+        assert d["num_processes"] == 2, d
+        assert d["loss_rel"] <= 2e-6, d
+        assert abs(d["grad_norm_ratio"] - 1) <= 2e-6, d
+        assert d["grad_max_rel"] <= 2e-5, d
+        assert d["ds_grad_norm_rel"] <= 2e-6, d  # DeepSpeed's reported global grad norm
+        assert abs(d["zero2"]["grad_norm_ratio"] - 2) <= 1e-5, d
+
+
+@needs_ds
+def test_trainer_zero3_sp2_one_step_matches_single_process(tmp_path):
+    for r, d in enumerate(_launch("trainer", tmp_path)):
+        assert d["world_size"] == 2, d
+        assert abs(d["grad_norm_ratio"] - 1) <= 2e-6, d
+        assert d["grad_max_rel"] <= 2e-5, d
+        assert d["train_loss"] > 0, d
+
+
+def test_ddp_two_ranks_matches_single_process(tmp_path):
+    for r, d in enumerate(_launch("ddp", tmp_path)):
+        assert d["num_processes"] == 2, d
+        assert d["loss_rel"] <= 2e-6, d
+        assert abs(d["grad_norm_ratio"] - 1) <= 2e-6, d
+        assert d["grad_max_rel"] <= 2e-5, d
+
+
+# in-process checks (no launch) ----------------------------------------------------------------------------------
+def test_deepspeed_config_gradient_scale_guard():
+    from anchorcontext.parallel import check_deepspeed_config_for_sp
+
+    ok = {"zero_optimization": {"stage": 3}}
+    assert check_deepspeed_config_for_sp(ok, 2) is ok
+    assert check_deepspeed_config_for_sp({"zero_optimization": {"stage": 2}}, 1)  # no SP: anything goes
+    for cfg, field in (
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2"),
+        ({}, "zero_optimization.stage=0"),
+        ({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, "reduce_scatter=false"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            check_deepspeed_config_for_sp(cfg, 4)
+
+
+def test_head_and_length_checks():
+    from transformers import LlamaConfig
+
+    from anchorcontext.parallel import check_seq_len, check_sp_heads
+
+    cfg = LlamaConfig(num_attention_heads=8, num_key_value_heads=2)
+    for p in (1, 2, 4, 8):  # kv heads split (2) or replicated (4, 8)
+        check_sp_heads(cfg, p)
+    with pytest.raises(ValueError, match="num_attention_heads=8 is not divisible by sp_size=3"):
+        check_sp_heads(cfg, 3)
+    with pytest.raises(ValueError, match="num_key_value_heads=3 and sp_size=2"):
+        check_sp_heads(LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3), 2)
+    with pytest.raises(ValueError, match="sp_size must be an integer >= 1"):
+        check_sp_heads(cfg, 0)
+    check_seq_len(24, 4)
+    with pytest.raises(ValueError, match="pad_to_multiple_of=4"):
+        check_seq_len(26, 4)
+
+
+def test_collator_pads_to_sp_multiple_without_targets():
+    """Rows of 22 tokens padded to 24 for SP=4: the added tokens are padding, never targets; nothing is cut."""
+    from anchorcontext import AnchorCollator
+
+    feats = [{"input_ids": [1] + list(range(3, 24)), "doc_lens": [10, 11]}]
+    b = AnchorCollator(anchor_id=1, pad_id=0, pad_to_multiple_of=4)(feats)
+    assert b["input_ids"].shape == (1, 24)
+    assert b["input_ids"][0, :22].tolist() == feats[0]["input_ids"]
+    assert (b["labels"][0, 22:] == -100).all() and (b["anchor_layout"].doc_ids[0, 22:] == -1).all()
+
+
+@needs_ds
+def test_configure_sequence_parallel_wiring(tmp_path):
+    from transformers import TrainingArguments
+
+    from anchorcontext.parallel import SP_ATTN_NAME, configure_sequence_parallel, sp_state, unprepare_model_for_sp
+
+    model = _model(__import__("torch").float32)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert configure_sequence_parallel(model=model, training_args=args, sp_size=1) is args
+    with pytest.raises(ValueError, match="needs DeepSpeed ZeRO-3"):
+        configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    args.deepspeed = _ds_config(2)
+    with pytest.raises(ValueError, match="zero_optimization.stage=2"):
+        configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    args.deepspeed = _ds_config(3)
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by sp_size=3"):
+        configure_sequence_parallel(model=model, training_args=args, sp_size=3)
+    out = configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    pc = out.parallelism_config
+    assert (pc.sp_size, pc.sp_backend, pc.sp_handler.sp_attn_implementation) == (2, "deepspeed", SP_ATTN_NAME)
+    assert model.config._attn_implementation == SP_ATTN_NAME and sp_state(model)["sp_size"] == 2
+    unprepare_model_for_sp(model)
+    assert model.config._attn_implementation == "anchor" and sp_state(model) is None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # worker side (run by torchrun)
 # --------------------------------------------------------------------------------------------------------------
@@ -238,6 +339,196 @@ def scenario_ulysses(rank, world, res):
             dist.barrier()
 
 
+
+LR = 10.0  # SGD step: delta / LR is the gradient (large LR keeps fp32 rounding of the update at ~1e-8 relative)
+
+
+def _ds_config(stage=3, ga=1, **zero):
+    return {
+        "zero_optimization": {"stage": stage, **zero},
+        "train_micro_batch_size_per_gpu": len(ROWS),
+        "gradient_accumulation_steps": ga,
+        "gradient_clipping": 1e9,  # computed (reported), never applied
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _full_params(model) -> dict:
+    """Full (unpartitioned) fp64 copies of a ZeRO-3 / DDP / plain model's parameters, by HF name."""
+    import contextlib
+
+    import torch
+
+    inner = getattr(model, "module", model)
+    params = list(inner.named_parameters())
+    ctx = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in params):
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    with ctx:
+        return {n: p.detach().to(torch.float64).clone() for n, p in params}
+
+
+def _step_ratio(before: dict, after: dict, ref_grads: dict, lr: float = LR) -> dict:
+    """Compare the applied SGD update with ``lr * reference gradient``."""
+    import torch
+
+    num = sum(float(((before[n] - after[n]) / lr).pow(2).sum()) for n in ref_grads)
+    den = sum(float(g.to(torch.float64).pow(2).sum()) for g in ref_grads.values())
+    worst = max(_rel((before[n] - after[n]) / lr, ref_grads[n].to(torch.float64)) for n in ref_grads)
+    return {"grad_norm_ratio": (num / den) ** 0.5, "grad_max_rel": worst, "ref_grad_norm": den ** 0.5}
+
+
+def _reference_steps(base, batches):
+    """Single-process token-weighted gradient over ``batches`` (one optimizer step) and its loss."""
+    import copy
+
+    import anchorcontext
+    from anchorcontext.parallel import count_targets, sp_causal_lm_loss
+
+    model = anchorcontext.patch_model(copy.deepcopy(base), backend="sdpa")
+    n = sum(int(count_targets(_shift(b["labels"]))) for b in batches)
+    total = 0.0
+    for b in batches:
+        out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], anchor_layout=b["anchor_layout"])
+        loss, s, _ = sp_causal_lm_loss(out.logits, _shift(b["labels"]), num_items_in_batch=n, grad_accum=1)
+        loss.backward()
+        total += float(s)
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}, total / n
+
+
+def scenario_zero3_accelerate(rank, world, res):
+    """ZeRO-3 + Ulysses SP=2 through accelerate, 2 accumulated micro-batches with different target counts."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    import anchorcontext
+    from anchorcontext.parallel import count_targets, make_parallelism_config, prepare_model_for_sp, sp_causal_lm_loss
+
+    P, GA = world, 2
+    base = _model(torch.float32)
+    ref_grads, ref_loss = _reference_steps(base, [_collate(ROWS, P), _collate(ROWS_B, P)])
+    before = _full_params(base)
+
+    acc = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_ds_config(3, GA)),
+        # the step boundary is every GA micro-batches (the SP adapter yields P micro-batches per DP batch)
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=GA, sync_with_dataloader=False),
+        parallelism_config=make_parallelism_config(P), kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
+    res["num_processes"] = acc.num_processes
+    model = prepare_model_for_sp(base, sp_size=P, backend="sdpa")
+    loader = torch.utils.data.DataLoader(
+        _features(ROWS) + _features(ROWS_B), batch_size=len(ROWS), shuffle=False,
+        collate_fn=anchorcontext.AnchorCollator(anchor_id=1, pad_id=0, pad_to_multiple_of=P),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    engine, opt, loader = acc.prepare(model, opt, loader)
+    from deepspeed.utils import groups
+
+    group = groups._get_sequence_parallel_group()
+    it = iter(loader)
+    micro = [next(it) for _ in range(GA)]  # rank 0's batch, then rank 1's, each sharded over the SP group
+    n = sum(count_targets(m["shift_labels"], group) for m in micro)  # (all-reduce over DP too when DP > 1)
+    logged = 0.0
+    for m in micro:
+        with acc.accumulate(engine):
+            out = engine(input_ids=m["input_ids"], position_ids=m["position_ids"], anchor_layout=m["anchor_layout"])
+            loss, s, _ = sp_causal_lm_loss(out.logits, m["shift_labels"], sp_group=group, num_items_in_batch=n,
+                                           dp_size=1, grad_accum=GA)
+            acc.backward(loss)
+            logged += float(s)
+    res["loss_rel"] = abs(logged / float(n) - ref_loss) / ref_loss
+    res["ds_grad_norm_rel"] = abs(float(engine.get_global_grad_norm()) - _step_ratio(before, before, ref_grads)["ref_grad_norm"]) / \
+        _step_ratio(before, before, ref_grads)["ref_grad_norm"]
+    res.update(_step_ratio(before, _full_params(engine), ref_grads))
+
+    # the trap that check_deepspeed_config_for_sp refuses: ZeRO-2, same SP groups, same loss recipe
+    import deepspeed
+
+    model2 = _model(torch.float32)
+    prepare_model_for_sp(model2, sp_size=P, backend="sdpa")
+    cfg2 = _ds_config(2, GA)
+    cfg2["train_batch_size"] = len(ROWS) * GA  # DP = world / P = 1
+    eng2, _, _, _ = deepspeed.initialize(model=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=LR),
+                                         config=cfg2, mpu=groups.mpu)  # the SP mpu from above
+    for i, m in enumerate(micro):
+        eng2.set_gradient_accumulation_boundary(i == GA - 1)
+        out = eng2(input_ids=m["input_ids"], position_ids=m["position_ids"], anchor_layout=m["anchor_layout"])
+        loss, _, _ = sp_causal_lm_loss(out.logits, m["shift_labels"], sp_group=group, num_items_in_batch=n,
+                                       grad_accum=GA)
+        eng2.backward(loss)
+        eng2.step()
+    res["zero2"] = _step_ratio(before, _full_params(eng2), ref_grads)
+
+
+def scenario_trainer(rank, world, res):
+    """One HF Trainer step with ZeRO-3 + Ulysses SP=2 wired by configure_sequence_parallel."""
+    import tempfile
+
+    import torch
+    from accelerate import PartialState
+    from transformers import Trainer, TrainingArguments
+
+    import anchorcontext
+    from anchorcontext.parallel import configure_sequence_parallel
+
+    P = world
+    # CPU host: accelerate would pick world size 1; a pre-configured DeepSpeed state on gloo is reused by Trainer
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    base = _model(torch.float32)
+    ref_grads, _ = _reference_steps(base, [_collate(ROWS, P)])
+    before = _full_params(base)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(ROWS), max_steps=1, learning_rate=LR,
+        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1e9, deepspeed=_ds_config(3),
+        remove_unused_columns=False, report_to=[], save_strategy="no", logging_steps=1,
+        accelerator_config={"use_configured_state": True}, disable_tqdm=True,
+    )
+    args = configure_sequence_parallel(model=base, training_args=args, sp_size=P)
+    anchorcontext.patch_model(base, backend="sdpa")
+    trainer = Trainer(model=base, args=args, train_dataset=_features(ROWS),
+                      data_collator=anchorcontext.AnchorCollator(anchor_id=1, pad_id=0, pad_to_multiple_of=P))
+    out = trainer.train()
+    res["world_size"] = args.world_size
+    res["train_loss"] = out.training_loss
+    res.update(_step_ratio(before, _full_params(trainer.model_wrapped), ref_grads))
+
+
+def scenario_ddp(rank, world, res):
+    """Plain DDP through accelerate (no SP): rank r trains on its own batch; one SGD step."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    import anchorcontext
+    from anchorcontext.parallel import count_targets, sp_causal_lm_loss
+
+    base = _model(torch.float32)
+    batches = [_collate(ROWS), _collate(ROWS_B)]
+    ref_grads, ref_loss = _reference_steps(base, batches)
+    before = _full_params(base)
+    acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    res["num_processes"] = acc.num_processes
+    model = anchorcontext.patch_model(base, backend="sdpa")
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model, opt = acc.prepare(model, opt)
+    b = batches[rank]
+    # token-weighted over the global batch: N counted on every rank; DDP averages, so scale by the DP size
+    n = acc.reduce(count_targets(_shift(b["labels"])), reduction="sum")
+    out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], anchor_layout=b["anchor_layout"])
+    loss, s, _ = sp_causal_lm_loss(out.logits, _shift(b["labels"]), num_items_in_batch=n, dp_size=world)
+    acc.backward(loss)
+    opt.step()
+    res["loss_rel"] = abs(float(acc.reduce(s, reduction="sum")) / float(n) - ref_loss) / ref_loss
+    res.update(_step_ratio(before, _full_params(acc.unwrap_model(model)), ref_grads))
+
+
 def _worker_main(scenario: str, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -247,9 +538,10 @@ def _worker_main(scenario: str, out: str) -> None:
     res: dict = {}
     code = 0
     try:
-        import deepspeed
+        if scenario == "ulysses":
+            import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+            deepspeed.init_distributed(dist_backend="gloo")
         globals()[f"scenario_{scenario}"](rank, world, res)
     except BaseException:
         res["error"] = traceback.format_exc()

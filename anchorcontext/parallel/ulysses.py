@@ -161,17 +161,19 @@ def global_layout(kwargs: dict, local_len: int, sp_size: int, group, *, gather: 
     if isinstance(doc_ids, torch.Tensor) and doc_ids.dim() == 2 and doc_ids.shape[1] == local_len and sp_size > 1:
         if gather:
             kwargs["anchor_doc_ids"] = gather_doc_ids(doc_ids, group)
-    layout = anchor_kwargs_to_layout(kwargs)
-    kwargs.pop("anchor_layout", None)
-    if layout is None:
-        return None
-    if layout.seq_len != local_len * sp_size:
+    given = kwargs.get("anchor_layout")
+    given = given if given is not None else kwargs.get("anchor_doc_ids")
+    length = given.seq_len if isinstance(given, AnchorLayout) else (
+        given.shape[-1] if isinstance(given, torch.Tensor) else None)
+    if length is not None and length != local_len * sp_size:
         raise ValueError(
-            f"sequence parallelism (sp_size={sp_size}): the anchor layout has length {layout.seq_len}, but this rank's "
+            f"sequence parallelism (sp_size={sp_size}): the anchor layout has length {length}, but this rank's "
             f"input shard has {local_len} tokens, so the global row has {local_len * sp_size}. Pass the global "
             "anchor_layout (AnchorCollator's, which DeepSpeed's dataloader adapter hands to every rank unsharded) or "
             "anchor_doc_ids sharded like input_ids"
         )
+    layout = anchor_kwargs_to_layout(kwargs)
+    kwargs.pop("anchor_layout", None)
     return layout
 
 
@@ -200,6 +202,19 @@ def _sp_pre_hook(state, module, args, kwargs):
     kwargs["anchor_sp_layout"] = layout.to(ref.device)
     kwargs.setdefault("anchor_backend", state["backend"]())
     return args, kwargs
+
+
+def _contiguous_pre_hook(module, args, kwargs):
+    # DeepSpeed's adapter shards with ``t[:, a:b].cpu()``: on a CPU host ``.cpu()`` is a no-op and the shard of a
+    # (B > 1, L) tensor stays non-contiguous; transformers' ForCausalLMLoss then fails on ``shift_labels.view(-1)``.
+    # (deepspeed 0.19.8, transformers 5.24; on GPU hosts the copy makes them contiguous.)
+    changed = False
+    for k in ("input_ids", "position_ids", "labels", "shift_labels"):
+        t = kwargs.get(k)
+        if isinstance(t, torch.Tensor) and not t.is_contiguous():
+            kwargs[k] = t.contiguous()
+            changed = True
+    return (args, kwargs) if changed else None
 
 
 def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_in_eval: bool = True,
@@ -236,6 +251,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
     state["hook"] = root.base_model.register_forward_pre_hook(
         functools.partial(_sp_pre_hook, state), with_kwargs=True, prepend=True
     )
+    state["hook_outer"] = root.register_forward_pre_hook(_contiguous_pre_hook, with_kwargs=True)
     setattr(root, _SP_STATE_ATTR, state)
     return model
 
@@ -255,6 +271,7 @@ def unprepare_model_for_sp(model):
     if state is None:
         return model
     state["hook"].remove()
+    state["hook_outer"].remove()
     delattr(root, _SP_STATE_ATTR)
     root.set_attn_implementation(ATTN_NAME)
     return model
