@@ -274,7 +274,8 @@ def test_evaluate_hf_model_writes_outputs(tiny, tok, tmp_path):
     assert tiny.training  # mode restored
     assert res["model_info"]["attn_implementation"] == "sdpa"
     assert len(res["records"]) == 4 and all(r["prompt_tokens"] == 256 for r in res["records"])
-    assert all(isinstance(r["prediction"], str) for r in res["records"])
+    assert all(isinstance(r["prediction"], str) and r["seconds"] > 0 for r in res["records"])
+    assert res["timing"]["ruler_s_by_length"]["256"] == pytest.approx(sum(r["seconds"] for r in res["records"]))
     assert res["perplexity"]["by_length"]["256"]["windows"] == 2
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"][0]["records"] == res["records"]

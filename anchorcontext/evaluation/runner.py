@@ -98,7 +98,7 @@ def evaluate(
 
     Returns ``{"name", "tasks", "lengths", "samples", "seed", "scores", "average", "niah_depth", "records",
     "perplexity", "timing", "model_info"}``; scores are percent (RULER). ``records`` holds every sample's
-    prompt length, depth, references, prediction and score. With ``out_dir``, writes ``results.json`` and
+    prompt length, depth, references, prediction, score and generation seconds. With ``out_dir``, writes ``results.json`` and
     the PNG plots there (see :func:`write_outputs`).
     """
     from tqdm.auto import tqdm
@@ -152,13 +152,16 @@ def evaluate(
             bar.set_postfix(task=task, length=length)
             for b in range(0, len(group), batch_size):
                 chunk = group[b : b + batch_size]
+                t_batch = time.perf_counter()
                 preds = generate([s.input_ids for s in chunk], budget)
+                t_batch = time.perf_counter() - t_batch
                 if len(preds) != len(chunk):
                     raise RuntimeError(f"generate returned {len(preds)} predictions for {len(chunk)} prompts")
                 for s, pred in zip(chunk, preds):
                     rec = s.record()
                     rec["prediction"] = pred
                     rec["score"] = score_prediction(task, pred, s.references)
+                    rec["seconds"] = t_batch / len(chunk)  # generation wall time, shared equally within a batch
                     if save_prompts:
                         rec["prompt"] = tokenizer.decode(s.input_ids)
                     records.append(rec)
@@ -202,7 +205,12 @@ def evaluate(
         **summarise(records),
         "records": records,
         "perplexity": ppl,
-        "timing": {"generate_prompts_s": t_gen, "ruler_s": t_ruler, "perplexity_s": t_ppl},
+        "timing": {
+            "generate_prompts_s": t_gen,
+            "ruler_s": t_ruler,
+            "ruler_s_by_length": {str(L): sum(r["seconds"] for r in records if r["length"] == L) for L in lens},
+            "perplexity_s": t_ppl,
+        },
         "model_info": info,
     }
     if out_dir is not None:
