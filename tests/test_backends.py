@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import flash_standin
+from test_layout import FLEX_L, FLEX_VARIANTS
 from anchorcontext import AnchorLayout, anchor_attention, dispatch
 from anchorcontext.attention import (
     BACKENDS,
@@ -36,7 +37,6 @@ from anchorcontext.attention import (
 dispatch_module = importlib.import_module("anchorcontext.attention.dispatch")
 
 L = 61  # odd, not a multiple of any block size
-FLEX_L = 64  # shared with test_layout.py
 MODES = ("anchor", "intra_doc", "full")
 EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
@@ -236,25 +236,12 @@ def flex_ids(a: str, b: str | None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("pair", FLEX_PAIRS, ids=lambda p: f"{p[0]}+{p[1]}")
-@pytest.mark.parametrize("mode,window", [("anchor", None), ("intra_doc", None), ("full", None), ("anchor", 3)])
-def test_flex_forward_matches_reference(pair, mode, window):
+@pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
+def test_flex_forward_matches_reference(variant, pair):
+    mode, dtype, (H, Hkv), kw = FLEX_VARIANTS[variant]
     layout = AnchorLayout.from_doc_ids(flex_ids(*pair), mode)
-    q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)  # same shapes as test_layout's probe
-    check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, sliding_window=window)
-
-
-def test_flex_forward_gqa_softcap():
-    for pair in FLEX_PAIRS[:2]:
-        layout = AnchorLayout.from_doc_ids(flex_ids(*pair))
-        q, k, v = make_qkv(2, 4, 2, FLEX_L, FLEX_L, torch.float32)
-        check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, softcap=2.0)
-
-
-def test_flex_forward_bf16():
-    for pair in FLEX_PAIRS[:2]:
-        layout = AnchorLayout.from_doc_ids(flex_ids(*pair))
-        q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.bfloat16)
-        check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False)
+    q, k, v = make_qkv(2, H, Hkv, FLEX_L, FLEX_L, dtype)  # the shapes of test_layout's probe: no recompile
+    check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, **kw)
 
 
 def test_flex_block_mask_built_once_per_layout(monkeypatch):

@@ -141,24 +141,26 @@ def standin(monkeypatch):
     return flash_standin
 
 
-def effective_mask(fn, layout: AnchorLayout, *, heads=(2, 1), **kw) -> torch.Tensor:
+def effective_mask(fn, layout: AnchorLayout, *, heads=(2, 1), dtype=torch.float32, **kw) -> torch.Tensor:
     """``(B, L, L)`` bool: where ``fn`` really lets queries see keys (zero queries, one-hot values).
 
     Also asserts the weights are uniform over the visible keys (each equals 1 / count), so a backend
     that gave a key a partial weight would be caught, and checks every query head (GQA included).
+    Zero queries give zero scores, so a softcap (``c * tanh(0) = 0``) leaves the probe unchanged.
     """
     B, L = layout.doc_ids.shape
     H, Hkv = heads
-    q = torch.zeros(B, H, L, L)
-    k = torch.randn(B, Hkv, L, L)
-    v = torch.eye(L).expand(B, Hkv, L, L).contiguous()
+    q = torch.zeros(B, H, L, L, dtype=dtype)
+    k = torch.randn(B, Hkv, L, L).to(dtype)
+    v = torch.eye(L, dtype=dtype).expand(B, Hkv, L, L).contiguous()
     with torch.no_grad():
         out = fn(q, k, v, layout, **kw).float()  # (B, L, H, L): out[b, q, h, k] = weight of key k
     seen = out > 0.5 / L
     for h in range(1, H):
         assert torch.equal(seen[:, :, h], seen[:, :, 0]), f"head {h} sees a different mask than head 0"
     count = seen[:, :, 0].sum(-1, keepdim=True).clamp(min=1)
-    torch.testing.assert_close(out[:, :, 0], seen[:, :, 0] / count, atol=1e-5, rtol=0)
+    atol = 1e-5 if dtype == torch.float32 else 4e-3  # 1/count rounded to bf16
+    torch.testing.assert_close(out[:, :, 0], seen[:, :, 0] / count, atol=atol, rtol=0)
     return seen[:, :, 0]
 
 
@@ -205,16 +207,28 @@ def test_golden_effective_mask(backend, mode, window, standin):
         assert standin.CALLS and all(c["causal"] for c in standin.CALLS)
 
 
-@pytest.mark.parametrize("mode,window", [("anchor", None), ("intra_doc", None), ("full", None), ("anchor", 3)])
-def test_golden_effective_mask_flex(mode, window):
+# The CPU flex variants (each compiles once, ~7 s cold; test_backends.py reuses them): mask mode, dtype,
+# (H, Hkv) and options. GQA, softcap and the window share one bf16 variant to keep compiles few.
+FLEX_VARIANTS = {
+    "anchor": ("anchor", torch.float32, (2, 2), {}),
+    "intra_doc": ("intra_doc", torch.float32, (2, 2), {}),
+    "full": ("full", torch.float32, (2, 2), {}),
+    "anchor_bf16_gqa_softcap_window3": ("anchor", torch.bfloat16, (4, 2), dict(softcap=2.0, sliding_window=3)),
+}
+
+
+@pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
+def test_golden_effective_mask_flex(variant):
     """Compiled FlexAttention (CPU, forward). The golden row is right-padded to FLEX_L tokens, which
     leaves its first 12 x 12 block unchanged (padding keys lie in every golden query's future)."""
+    mode, dtype, heads, kw = FLEX_VARIANTS[variant]
+    window = kw.get("sliding_window")
     golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
     ids = torch.full((2, FLEX_L), -1)
     ids[0, :12] = golden_ids()[0]
     ids[1] = torch.tensor([0] + [1] * 20 + [2] * 30 + [3] * 13)
     layout = AnchorLayout.from_doc_ids(ids, mode)
-    seen = effective_mask(flex_attention_backend, layout, heads=(2, 2), sliding_window=window)
+    seen = effective_mask(flex_attention_backend, layout, heads=heads, dtype=dtype, **kw)
     assert torch.equal(seen[0, :12, :12], golden)
     assert torch.equal(seen, layout.dense_mask(window))
 
