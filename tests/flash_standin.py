@@ -53,7 +53,7 @@ def flash_attn_varlen_func(
         raise NotImplementedError("stand-in: dropout is not modelled (tests use dropout_p=0)")
     assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, (q.shape, k.shape, v.shape)
     assert k.shape == v.shape and q.shape[2] == k.shape[2], (q.shape, k.shape, v.shape)
-    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32, (cu_seqlens_q.dtype, cu_seqlens_k.dtype)
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32, (cu_seqlens_q.dtype, cu_seqlens_k.dtype)
     assert cu_seqlens_q.shape == cu_seqlens_k.shape and cu_seqlens_q.dim() == 1
     assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int), "max_seqlen must be Python ints"
     cq = cu_seqlens_q.tolist()

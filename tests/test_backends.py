@@ -17,11 +17,11 @@ from __future__ import annotations
 import importlib
 import logging
 
+import flash_standin
 import pytest
 import torch
-
-import flash_standin
 from test_layout import FLEX_L, FLEX_VARIANTS
+
 from anchorcontext import AnchorLayout, anchor_attention, dispatch
 from anchorcontext.attention import (
     BACKENDS,
@@ -365,10 +365,12 @@ def test_argument_errors():
         (dict(layout=ids, mask="causal"), r"mask must be one of .*got 'causal'"),
         (dict(query=q[0]), r"query/key/value must be 4-D \(B, H, L, D\); got \(4, 61, 8\)"),
         (dict(value=v[:, :1]), r"key shape \(1, 2, 61, 8\) != value shape \(1, 1, 61, 8\)"),
-        (dict(key=k[..., :4], value=v[..., :4]), r"key shape \(1, 2, 61, 4\) does not match query shape \(1, 4, 61, 8\)"),
+        (dict(key=k[..., :4], value=v[..., :4]),
+         r"key shape \(1, 2, 61, 4\) does not match query shape \(1, 4, 61, 8\)"),
         (dict(key=torch.randn(1, 3, L, 8), value=torch.randn(1, 3, L, 8)),
          r"query heads \(4\) must be a multiple of key/value heads \(3\)"),
-        (dict(layout=torch.tensor([row([7, 13], 40)])), r"layout has shape \(1, 40\) but query has \(B, L\) = \(1, 61\)"),
+        (dict(layout=torch.tensor([row([7, 13], 40)])),
+         r"layout has shape \(1, 40\) but query has \(B, L\) = \(1, 61\)"),
         (dict(key=k.double()), r"key dtype torch.float64 != query dtype torch.float32"),
         (dict(value=v.bfloat16()), r"value dtype torch.bfloat16 != query dtype torch.float32"),
         (dict(softcap=0.0), r"softcap must be > 0 or None, got 0.0"),
@@ -385,3 +387,84 @@ def test_argument_errors():
                 anchor_attention(
                     args.pop("query"), args.pop("key"), args.pop("value"), args.pop("layout"), **args
                 )
+
+
+# ------------------------------------------- torch's varlen_attn across versions (signature adaptation)
+# Fakes with the signatures of torch.nn.attention.varlen.varlen_attn in torch 2.10, 2.11 and 2.12+, each
+# computing what torch's kernel computes (flash semantics: causal iff window_size == (-1, 0) from 2.11).
+
+
+def torch_2_10_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert query.shape[1] == key.shape[1], "torch 2.10 varlen_attn has no GQA"
+    return flash_standin.flash_attn_varlen_func(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
+
+
+def torch_2_11_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    assert query.shape[1] == key.shape[1], "torch 2.11 varlen_attn has no GQA"
+    return flash_standin.flash_attn_varlen_func(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
+        causal=window_size == (-1, 0), window_size=tuple(window_size),
+    )
+
+
+def torch_2_12_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert enable_gqa or query.shape[1] == key.shape[1]
+    return flash_standin.flash_attn_varlen_func(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
+        causal=window_size == (-1, 0), window_size=tuple(window_size),
+    )
+
+
+@pytest.fixture
+def fake_cuda_torch_varlen(monkeypatch):
+    """Route varlen_attention to a fake torch varlen_attn on CPU, with the real availability checks
+    evaluated as if on CUDA (flash-attn absent)."""
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
+    monkeypatch.setattr(varlen, "flash_attn_func", lambda: (None, "flash-attn not importable (test)"))
+    real = varlen.unavailable_reason
+    monkeypatch.setattr(varlen, "unavailable_reason", lambda device, *a: real(torch.device("cuda"), *a))
+
+    def use(fn):
+        monkeypatch.setattr(varlen, "torch_varlen_func", lambda: (fn, "torch"))
+
+    return use
+
+
+@pytest.mark.parametrize("option", ["plain", "scaling", "gqa", "window3"])
+@pytest.mark.parametrize(
+    "fake", [torch_2_10_varlen, torch_2_11_varlen, torch_2_12_varlen], ids=["2.10", "2.11", "2.12"]
+)
+def test_torch_varlen_signatures(fake, option, fake_cuda_torch_varlen):
+    fake_cuda_torch_varlen(fake)
+    kw = {"plain": {}, "scaling": dict(scaling=0.37), "gqa": {}, "window3": dict(sliding_window=3)}[option]
+    H, Hkv = (4, 2) if option == "gqa" else (4, 4)
+    ids = doc_ids("batch_mixed")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(ids.shape[0], H, Hkv, L, 16, torch.bfloat16)
+    if fake is torch_2_10_varlen and option == "window3":
+        with pytest.raises(ValueError, match="varlen_attn has no window_size"):
+            varlen_attention(q, k, v, layout, **kw)
+        return
+    check_against_oracle(varlen_attention, q, k, v, layout, **kw)
+
+
+def test_auto_on_cuda_respects_kernel_limits(fresh_log, monkeypatch):
+    """resolve_backend for a CUDA device (no CUDA needed: only the decision is exercised)."""
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
+    monkeypatch.setattr(varlen, "flash_attn_func", lambda: (None, "flash-attn not importable (test)"))
+    monkeypatch.setattr(varlen, "torch_varlen_func", lambda: (torch_2_11_varlen, "torch"))
+    cuda = torch.device("cuda")
+    bf16 = torch.bfloat16
+    assert resolve_backend("auto", cuda, dtype=bf16) == "varlen"
+    assert resolve_backend("auto", cuda, dtype=bf16, sliding_window=4) == "varlen"
+    assert resolve_backend("auto", cuda, dtype=torch.float32) == "flex"  # kernels take half dtypes only
+    assert resolve_backend("auto", cuda, dtype=bf16, softcap=30.0) == "flex"  # torch varlen has no softcap
+    assert resolve_backend("auto", cuda, dtype=bf16, dropout=0.1) == "sdpa"  # neither has dropout
+    monkeypatch.setattr(varlen, "torch_varlen_func", lambda: (torch_2_10_varlen, "torch"))
+    assert resolve_backend("auto", cuda, dtype=bf16) == "varlen"
+    assert resolve_backend("auto", cuda, dtype=bf16, sliding_window=4) == "flex"  # 2.10: no window_size
+    monkeypatch.setattr(varlen, "flash_attn_func", lambda: (flash_standin.flash_attn_varlen_func, "flash_attn"))
+    assert resolve_backend("auto", cuda, dtype=bf16, softcap=30.0, sliding_window=4) == "varlen"
+    assert resolve_backend("auto", cuda, dtype=torch.float32) == "flex"

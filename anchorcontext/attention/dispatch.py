@@ -48,13 +48,15 @@ def _flex_reason(device: torch.device, needs_grad: bool, dropout: float) -> str 
     return None
 
 
-def resolve_backend(backend: str, device: torch.device, *, softcap=None, dropout=0.0, needs_grad=True) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, *, softcap=None, dropout=0.0, needs_grad=True, sliding_window=None, dtype=None
+) -> str:
     """The concrete backend name ``backend`` means on ``device`` for these options."""
     if backend in BACKENDS:
         return backend
     if backend != "auto":
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    why = _varlen.unavailable_reason(device, softcap, dropout)
+    why = _varlen.unavailable_reason(device, softcap, dropout, sliding_window, dtype)
     if why is None:
         return "varlen"
     _log_once(f"anchorcontext: varlen backend off: {why}")
@@ -103,7 +105,10 @@ def anchor_attention(
     """
     layout = as_layout(layout, mask)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    name = resolve_backend(backend, query.device, softcap=softcap, dropout=dropout, needs_grad=needs_grad)
+    name = resolve_backend(
+        backend, query.device, softcap=softcap, dropout=dropout, needs_grad=needs_grad,
+        sliding_window=sliding_window, dtype=query.dtype,
+    )
     return BACKENDS[name](
         query, key, value, layout, scaling=scaling, softcap=softcap, sliding_window=sliding_window, dropout=dropout
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 import torch
 
@@ -43,13 +44,21 @@ def torch_varlen_func():
     return varlen_attn, "torch"
 
 
-def unavailable_reason(device: torch.device, softcap=None, dropout=0.0) -> str | None:
-    """Why the varlen backend cannot run here (``None`` when it can)."""
-    fn, why = flash_attn_func()
-    if fn is not None and (device.type == "cuda" or _KERNEL_OVERRIDE is not None):
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(device: torch.device, softcap=None, dropout=0.0, sliding_window=None, dtype=None) -> str | None:
+    """Why the varlen backend cannot run here (``None`` when it can). ``dtype`` is the inputs' dtype:
+    both kernels take float16/bfloat16 only (the test override takes any)."""
+    if _KERNEL_OVERRIDE is not None:
         return None
+    fn, why = flash_attn_func()
     if device.type != "cuda":
         return f"varlen needs CUDA tensors ({why}; device is {device.type})"
+    if dtype is not None and dtype not in HALF_DTYPES:
+        return f"varlen kernels take float16/bfloat16 inputs, got {dtype}"
+    if fn is not None:
+        return None
     tfn, twhy = torch_varlen_func()
     if tfn is None:
         return f"{why}; {twhy}"
@@ -57,12 +66,18 @@ def unavailable_reason(device: torch.device, softcap=None, dropout=0.0) -> str |
         return "torch varlen_attn has no softcap (install flash-attn for it)"
     if dropout:
         return "torch varlen_attn has no dropout (install flash-attn for it)"
+    if sliding_window is not None and "window_size" not in inspect.signature(tfn).parameters:
+        return f"torch {torch.__version__} varlen_attn has no window_size (a newer torch or flash-attn has it)"
     return None
 
 
 def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, H, Hkv):
     params = inspect.signature(fn).parameters
-    kw = {"scale": scale}
+    kw = {}
+    if "scale" in params:
+        kw["scale"] = scale
+    else:  # torch 2.10: no scale argument; the kernel uses 1/sqrt(D), so fold the ratio into q
+        q = q * (scale * math.sqrt(q.shape[-1]))
     win = (-1, 0) if window is None else (window - 1, 0)
     if "window_size" in params:
         kw["window_size"] = win
@@ -70,7 +85,9 @@ def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, 
             kw["is_causal"] = True
     else:
         if window is not None:
-            raise ValueError(f"torch {torch.__version__} varlen_attn has no window_size: sliding_window={window} unsupported")
+            raise ValueError(
+                f"torch {torch.__version__} varlen_attn has no window_size: sliding_window={window} unsupported"
+            )
         kw["is_causal"] = True
     if Hkv != H:
         if "enable_gqa" in params:
@@ -94,8 +111,11 @@ def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, s
     if layout.kv_index is not None:
         k = k.index_select(0, layout.kv_index)
         v = v.index_select(0, layout.kv_index)
-    fa, why = flash_attn_func()
-    if fa is not None and (query.device.type == "cuda" or _KERNEL_OVERRIDE is not None):
+    reason = unavailable_reason(query.device, softcap, dropout, window, query.dtype)
+    if reason is not None:
+        raise ValueError(f"backend='varlen' cannot run: {reason}")
+    fa, _ = flash_attn_func()
+    if fa is not None:
         out = fa(
             q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
             dropout_p=dropout, softmax_scale=scale, causal=True,
@@ -103,9 +123,6 @@ def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, s
             softcap=0.0 if softcap is None else float(softcap),
         )
     else:
-        reason = unavailable_reason(query.device, softcap, dropout)
-        if reason is not None:
-            raise ValueError(f"backend='varlen' cannot run: {reason}")
         tfn, _ = torch_varlen_func()
         out = _torch_varlen_call(
             tfn, q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
