@@ -8,6 +8,7 @@ DeepSpeed settings with wrong gradient scale. Launch configs live in ``configs/a
 
 from .config import configure_sequence_parallel, make_parallelism_config
 from .loss import check_deepspeed_config_for_sp, count_targets, load_deepspeed_config, sp_causal_lm_loss
+from .trainer import SequenceParallelLossMixin, sequence_parallel_trainer_class
 from .ulysses import (
     SP_ATTN_NAME,
     check_seq_len,
@@ -25,6 +26,7 @@ from .ulysses import (
 
 __all__ = [
     "SP_ATTN_NAME",
+    "SequenceParallelLossMixin",
     "check_deepspeed_config_for_sp",
     "check_seq_len",
     "check_sp_heads",
@@ -40,6 +42,7 @@ __all__ = [
     "register_ulysses",
     "require_deepspeed",
     "sp_causal_lm_loss",
+    "sequence_parallel_trainer_class",
     "sp_state",
     "unprepare_model_for_sp",
 ]
