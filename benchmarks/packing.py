@@ -11,6 +11,10 @@ Per batch size ``B`` and repeat, three timed passes over the whole corpus:
   position_ids, anchor_layout`` (CPU tensors; the layout's ``cu_seqlens``/``kv_index`` are built here);
 * ``end_to_end``: both interleaved, as a data loader would run them.
 
+Also, once per repeat (informational, not part of the goal): ``Dataset.map(packer, batched=True)`` over the
+same corpus held as an Arrow ``datasets.Dataset`` (``--map-batch-size`` documents per map batch), i.e. the
+offline path that writes packed rows back to Arrow.
+
 ``tokens/s`` counts row tokens (``rows * seq_len``, what the model consumes, padding included);
 ``doc tokens/s`` counts the documents' own tokens. Figures are medians over ``--repeats``. The machine may
 be shared: the load average before the run is recorded next to the figures.
@@ -129,6 +133,21 @@ def run_once(docs, args, B: int) -> dict:
     return out
 
 
+def run_datasets_map(docs, args) -> dict:
+    """Seconds (wall, CPU) of ``Dataset.map(DocumentPacker, batched=True)`` over ``docs`` and the rows made."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.disable_caching()
+    ds = datasets.Dataset.from_dict({"input_ids": docs})
+    packer = DocumentPacker(seq_len=args.seq_len, anchor_id=BOS, pad_id=PAD, vocab_size=args.vocab)
+    with Timer() as t:
+        out = ds.map(packer, batched=True, batch_size=args.map_batch_size, remove_columns=["input_ids"])
+    tokens = len(out) * args.seq_len
+    return {"rows": len(out), "wall_s": t.wall, "cpu_s": t.cpu,
+            "wall_tokens_per_s": tokens / t.wall, "cpu_tokens_per_s": tokens / t.cpu}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq-len", type=int, default=32768)
@@ -142,6 +161,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--positions", default="continuous", choices=["continuous", "reset"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--map-batch-size", type=int, default=1000, help="documents per Dataset.map batch")
+    ap.add_argument("--no-datasets-map", action="store_true", help="skip the Dataset.map measurement")
     ap.add_argument("--goal", type=float, default=2e6, help="tokens/s goal, printed beside the figures")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args(argv)
@@ -187,6 +208,15 @@ def main(argv=None) -> dict:
                 f"{m['layout_ms_per_batch']:>16.1f} {ok:>6}"
             )
 
+    ds_map = None
+    if not args.no_datasets_map:
+        reps = [run_datasets_map(docs, args) for _ in range(args.repeats)]
+        ds_map = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+        print(
+            f"\nDataset.map(packer, batched=True, batch_size={args.map_batch_size}) -> Arrow, {ds_map['rows']} rows: "
+            f"{ds_map['cpu_tokens_per_s'] / 1e6:.2f} Mtok/s (cpu), {ds_map['wall_tokens_per_s'] / 1e6:.2f} Mtok/s (wall)"
+        )
+
     out = {
         "benchmark": "packing",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -204,6 +234,7 @@ def main(argv=None) -> dict:
         "corpus": corpus,
         "goal_tokens_per_s": args.goal,
         "results": results,
+        "datasets_map": ds_map,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
