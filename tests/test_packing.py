@@ -408,3 +408,24 @@ def test_collator_packs_plain_documents_like_the_packer(case):
     assert batch["input_ids"].tolist() == [r["input_ids"] for r in want]
     assert batch["labels"].tolist() == [expected_labels(r["input_ids"], r["doc_lens"]) for r in want]
     assert torch.equal(batch["position_ids"], torch.arange(seq_len).expand(len(want), seq_len))
+
+
+def test_packing_benchmark_smoke(tmp_path):
+    """benchmarks/packing.py runs end to end on a tiny corpus and reports consistent figures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "packing.py"
+    spec = importlib.util.spec_from_file_location("packing_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_file = tmp_path / "packing.json"
+    out = bench.main(["--seq-len", "512", "--tokens", "20000", "--mean-doc", "100", "--batch-sizes", "1,4",
+                      "--repeats", "1", "--out", str(out_file)])
+    assert out_file.exists() and [r["batch_size"] for r in out["results"]] == [1, 4]
+    n_rows = out["datasets_map"]["rows"]  # one map batch here: the same rows as iter_rows
+    for r in out["results"]:
+        assert r["rows"] == n_rows - n_rows % r["batch_size"]
+        for clock in ("cpu", "wall"):
+            assert r[clock]["end_to_end_tokens_per_s"] > 0
+    assert out["corpus"]["tokens"] >= 20000
