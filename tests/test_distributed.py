@@ -177,17 +177,67 @@ def test_collator_pads_to_sp_multiple_without_targets():
     assert (b["labels"][0, 22:] == -100).all() and (b["anchor_layout"].doc_ids[0, 22:] == -1).all()
 
 
+def test_accelerate_configs_load_and_pass_the_sp_guard():
+    """Every configs/accelerate/*.yaml loads with accelerate's own loader; DeepSpeed ones name a JSON that exists,
+    is ZeRO-3 with reduce_scatter (the SP gradient-scale guard) and loads as HF Trainer's DeepSpeed config."""
+    import glob
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from anchorcontext.parallel import check_deepspeed_config_for_sp
+
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "accelerate", "*.yaml")))
+    kinds = {}
+    for f in files:
+        c = load_config_from_file(f)
+        name = os.path.basename(f)
+        kinds[name] = (c.distributed_type, c.num_machines, c.num_processes)
+        if c.distributed_type == DistributedType.DEEPSPEED:
+            path = os.path.join(ROOT, c.deepspeed_config["deepspeed_config_file"])
+            assert os.path.exists(path), (name, path)
+            for P in (2, 4, 8):
+                check_deepspeed_config_for_sp(path, P)
+            HfTrainerDeepSpeedConfig(path)
+            if "_sp" in name:
+                P = int(name.rsplit("_sp", 1)[1].split(".")[0])
+                assert c.num_processes % P == 0 and f"--sp_size {P}" in open(f).read(), name
+        if c.distributed_type == DistributedType.FSDP:
+            assert c.fsdp_config["fsdp_version"] == 2, name
+    assert kinds["ddp.yaml"][0] == DistributedType.MULTI_GPU
+    assert kinds["fsdp2.yaml"][0] == DistributedType.FSDP
+    assert {"deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml", "deepspeed_zero3_sp2.yaml", "deepspeed_zero3_sp4.yaml",
+            "deepspeed_zero3_sp8.yaml"} <= set(kinds)
+    assert [k for k, v in kinds.items() if v[1] == 2 and v[2] == 16], kinds  # the two-node example
+    offload = load_config_from_file(os.path.join(ROOT, "configs", "accelerate", "deepspeed_zero3_offload.yaml"))
+    zero = json.load(open(os.path.join(ROOT, offload.deepspeed_config["deepspeed_config_file"])))["zero_optimization"]
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+
+
 @needs_ds
-def test_configure_sequence_parallel_wiring(tmp_path):
+def test_configure_sequence_parallel_wiring(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
     from anchorcontext.parallel import SP_ATTN_NAME, configure_sequence_parallel, sp_state, unprepare_model_for_sp
 
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(k, raising=False)
     model = _model(__import__("torch").float32)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     assert configure_sequence_parallel(model=model, training_args=args, sp_size=1) is args
     with pytest.raises(ValueError, match="needs DeepSpeed ZeRO-3"):
         configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    # the DeepSpeed config that `accelerate launch --config_file ...` passes in the environment counts too
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ValueError, match="zero_optimization.stage=2"):
+        configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", os.path.join(ROOT, "configs", "accelerate", "ds_zero3.json"))
+    configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    unprepare_model_for_sp(model)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    args.parallelism_config = None
     args.deepspeed = _ds_config(2)
     with pytest.raises(ValueError, match="zero_optimization.stage=2"):
         configure_sequence_parallel(model=model, training_args=args, sp_size=2)

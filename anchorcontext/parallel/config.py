@@ -9,6 +9,8 @@ attention implementation in ``UlyssesSPAttentionHF``, shard each batch on the se
 
 from __future__ import annotations
 
+import os
+
 from .loss import check_deepspeed_config_for_sp
 from .ulysses import SP_ATTN_NAME, check_sp_heads, prepare_model_for_sp, require_deepspeed
 
@@ -31,16 +33,27 @@ def make_parallelism_config(sp_size: int):
 
 
 def _resolved_ds_config(training_args) -> dict | str | None:
+    """The DeepSpeed config in force: ``training_args.deepspeed``, else the one ``accelerate launch`` passes in the
+    environment (``ACCELERATE_USE_DEEPSPEED`` + ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` or ``..._ZERO_STAGE``)."""
     hf_cfg = getattr(training_args, "hf_deepspeed_config", None)
     if hf_cfg is not None and isinstance(getattr(hf_cfg, "config", None), dict):
         return hf_cfg.config
-    return training_args.deepspeed
+    if training_args.deepspeed is not None:
+        return training_args.deepspeed
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if path and path.lower() != "none":
+            return path
+        # accelerate's DeepSpeedPlugin default stage is 2
+        return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+    return None
 
 
 def configure_sequence_parallel(*, model, training_args, sp_size: int):
     """Set up Ulysses sequence parallelism over ``sp_size`` ranks for an HF Trainer run; returns ``training_args``.
 
-    Requires DeepSpeed ZeRO-3 (``training_args.deepspeed``, e.g. ``configs/accelerate/ds_zero3.json``): other
+    Requires DeepSpeed ZeRO-3 (``training_args.deepspeed``, e.g. ``configs/accelerate/ds_zero3.json``, or an
+    ``accelerate launch --config_file configs/accelerate/deepspeed_zero3_sp8.yaml`` environment): other
     stages give gradients ``sp_size`` times too large (see :mod:`anchorcontext.parallel.loss`). Checks the head
     counts and the world size, prepares ``model`` (:func:`~anchorcontext.parallel.prepare_model_for_sp`) and
     sets ``training_args.parallelism_config``. The data collator must pad rows to a multiple of ``sp_size``
@@ -58,8 +71,9 @@ def configure_sequence_parallel(*, model, training_args, sp_size: int):
     ds = _resolved_ds_config(training_args)
     if ds is None:
         raise ValueError(
-            f"sp_size={sp_size} needs DeepSpeed ZeRO-3: set training_args.deepspeed (--deepspeed "
-            "configs/accelerate/ds_zero3.json); Ulysses sequence parallelism runs inside DeepSpeed"
+            f"sp_size={sp_size} needs DeepSpeed ZeRO-3: launch with accelerate launch --config_file "
+            f"configs/accelerate/deepspeed_zero3_sp{sp_size}.yaml, or pass --deepspeed configs/accelerate/ds_zero3.json; "
+            "Ulysses sequence parallelism runs inside DeepSpeed"
         )
     check_deepspeed_config_for_sp(ds, sp_size)
     world = int(getattr(training_args, "world_size", 1) or 1)
