@@ -1,0 +1,73 @@
+"""``anchorcontext train [--quick] [--config FILE] [--option value ...]``.
+
+* no arguments: the embedded demo (:data:`~anchorcontext.training.presets.DEMO`);
+* ``--quick``: the tiny preset (:data:`~anchorcontext.training.presets.QUICK`);
+* ``--config FILE``: a YAML file of options (no preset underneath);
+* any ``--option value`` overrides the preset/file (``--max_steps 20``, ``--mask intra_doc``, ...).
+
+Returns 0 on success, 1 on a clear configuration/data error (printed without a traceback), 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+USAGE = """usage: anchorcontext train [--quick] [--config FILE] [--OPTION VALUE ...]
+
+  (no arguments)     the embedded demo: SmolLM2-135M, AnchorAttention, stdlib corpus, runs/demo/
+  --quick            tiny random Llama + BPE tokenizer, < 2 minutes, runs/quick/
+  --config FILE      YAML mapping of option names to values (configs/*.yaml); no preset underneath
+  --dry_run          build the model on the meta device, print the recipe, stop
+  --help-all         list every option (model / data / anchor / transformers.TrainingArguments)
+
+examples:
+  anchorcontext train --max_steps 20 --mask intra_doc
+  anchorcontext train --config configs/llama3-8b-128k.yaml --dry_run
+  anchorcontext train --quick --output_dir runs/q --resume_from_checkpoint last
+
+see docs/training.md"""
+
+
+def split_preset(argv: list[str]) -> tuple[dict | None, list[str]]:
+    """``(preset mapping or None, remaining argv)``: ``--quick`` -> QUICK; no ``--config`` -> DEMO."""
+    from .presets import DEMO, QUICK
+
+    rest = [a for a in argv if a != "--quick"]
+    if len(rest) != len(argv):
+        return dict(QUICK), rest
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return None, rest
+    return dict(DEMO), rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if "--help-all" in argv:
+        from .args import help_text
+
+        print(help_text())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .args import parse_args
+    from .train import run
+
+    try:
+        margs, dargs, aargs, targs = parse_args(argv)
+        run(margs, dargs, aargs, targs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"anchorcontext train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("anchorcontext train: aborted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
