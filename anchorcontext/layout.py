@@ -167,10 +167,10 @@ class AnchorLayout:
         cu_k = torch.cat([zero, len_k.cumsum(0)])
         if mask == "anchor":
             total_k = int(cu_k[-1])
-            seg_of_k = torch.repeat_interleave(torch.arange(S, device=device), len_k, output_size=total_k)
-            off = torch.arange(total_k, device=device) - cu_k[:-1][seg_of_k]
-            anc = has_anchor[seg_of_k]
-            kv_index = torch.where(anc & (off == 0), row_start[seg_of_k], start_idx[seg_of_k] + off - anc.to(torch.int64))
+            # key j of segment s reads token start_s + (j - cu_k[s]) - has_anchor[s]; its first key (if any) the anchor
+            shift = start_idx - cu_k[:-1] - has_anchor.to(torch.int64)
+            kv_index = torch.arange(total_k, device=device) + torch.repeat_interleave(shift, len_k, output_size=total_k)
+            kv_index[cu_k[:-1][has_anchor]] = row_start[has_anchor]
         else:
             kv_index = None
         host = torch.stack([len_q, len_k, start_idx // L, has_anchor.to(torch.int64)]).cpu()

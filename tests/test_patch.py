@@ -313,8 +313,10 @@ def test_peft_prompt_learning_refused_and_lora_works():
     ac.patch_model(lora)
     batch = packed_batch()
     lora.train()
-    enable = getattr(lora, "activation_checkpointing_enable", None) or lora.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(lora, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        lora.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out = lora(**batch)
     out.loss.backward()
     grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
