@@ -20,7 +20,9 @@ import logging
 import flash_standin
 import pytest
 import torch
-from test_layout import FLEX_L, FLEX_VARIANTS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_layout import FLEX_L, FLEX_VARIANTS, doc_id_batches
 
 from anchorcontext import AnchorLayout, anchor_attention, dispatch
 from anchorcontext.attention import (
@@ -468,3 +470,22 @@ def test_auto_on_cuda_respects_kernel_limits(fresh_log, monkeypatch):
     monkeypatch.setattr(varlen, "flash_attn_func", lambda: (flash_standin.flash_attn_varlen_func, "flash_attn"))
     assert resolve_backend("auto", cuda, dtype=bf16, softcap=30.0, sliding_window=4) == "varlen"
     assert resolve_backend("auto", cuda, dtype=torch.float32) == "flex"
+
+
+# ------------------------------------------------------------------------ random layouts (hypothesis)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=doc_id_batches(max_rows=3, max_len=20), mode=st.sampled_from(MODES),
+       window=st.sampled_from([None, 1, 2, 4]), gqa=st.booleans())
+def test_property_random_layouts_match_reference(ids, mode, window, gqa, standin):
+    """float64, so every backend must agree with the dense reference to rounding (forward and grads)."""
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    B, n = ids.shape
+    q, k, v = make_qkv(B, 4, 2 if gqa else 4, n, 8, torch.float64)
+    dout = torch.randn(B, n, 4, 8, dtype=torch.float64)
+    expected = run(reference_attention, q, k, v, layout, dout, sliding_window=window)
+    for fn in (sdpa_attention, varlen_attention):
+        out, grads = run(fn, q, k, v, layout, dout, sliding_window=window)
+        for a, b in zip((out, *grads), (expected[0], *expected[1])):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
