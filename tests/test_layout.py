@@ -9,12 +9,12 @@ kernel really let query ``q`` see key ``k``.
 
 from __future__ import annotations
 
+import flash_standin
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import flash_standin
 from anchorcontext import AnchorLayout, dense_mask
 from anchorcontext.attention import (
     flex_attention_backend,
