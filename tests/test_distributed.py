@@ -123,6 +123,19 @@ def test_trainer_stock_sp_loss_is_not_token_weighted_across_micro_batches(tmp_pa
         assert d["grad_max_rel"] > 1e-3, d
 
 
+@needs_ds
+def test_ulysses_wrapper_p1_cpu_matches_plain():
+    """The P=1 plumbing check of tests/gpu/test_sp_gpu.py (run there with varlen and flex on CUDA), on CPU/sdpa."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sp_gpu", os.path.join(ROOT, "tests", "gpu", "test_sp_gpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.run_case("cpu", "sdpa", "float32")
+    mod.check_result(r)
+    assert r["sp_vs_base_logits"] == 0.0, r  # identity all-to-all, same kernel: bit-exact
+
+
 def test_ddp_two_ranks_matches_single_process(tmp_path):
     for r, d in enumerate(_launch("ddp", tmp_path)):
         assert d["num_processes"] == 2, d
