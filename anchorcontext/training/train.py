@@ -400,6 +400,9 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
         except ImportError as e:
             raise RuntimeError(f"sp_size={aargs.sp_size} needs anchorcontext.parallel ({e})") from None
         training_args = configure_sequence_parallel(model=model, training_args=training_args, sp_size=aargs.sp_size)
+        from ..parallel import sequence_parallel_trainer_class
+
+        Trainer = sequence_parallel_trainer_class(Trainer)  # token-weighted loss across DP x SP x grad accumulation
 
     t0 = time.perf_counter()
     data = build_datasets(dargs, tokenizer, seed=training_args.seed)
