@@ -241,6 +241,11 @@ def test_configure_sequence_parallel_wiring(tmp_path, monkeypatch):
     assert configure_sequence_parallel(model=model, training_args=args, sp_size=1) is args
     with pytest.raises(ValueError, match="needs DeepSpeed ZeRO-3"):
         configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    args.deepspeed = _ds_config(3)
+    with pytest.raises(ValueError, match="needs at least 2 processes, but the trainer sees world size 1"):
+        configure_sequence_parallel(model=model, training_args=args, sp_size=2)
+    args.deepspeed = None
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))  # as under torchrun with 2 ranks
     # the DeepSpeed config that `accelerate launch --config_file ...` passes in the environment counts too
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")

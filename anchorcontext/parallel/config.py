@@ -77,10 +77,15 @@ def configure_sequence_parallel(*, model, training_args, sp_size: int):
         )
     check_deepspeed_config_for_sp(ds, sp_size)
     world = int(getattr(training_args, "world_size", 1) or 1)
-    if world > 1 and world % sp_size:
+    if world < sp_size:
+        raise ValueError(
+            f"sp_size={sp_size} needs at least {sp_size} processes, but the trainer sees world size {world}: launch with "
+            f"accelerate launch --config_file configs/accelerate/deepspeed_zero3_sp{sp_size}.yaml (or torchrun "
+            "--nproc_per_node N). On a CPU-only host accelerate reports world size 1 on every rank unless its state is "
+            "pre-configured for gloo (see docs/distributed.md)"
+        )
+    if world % sp_size:
         raise ValueError(f"world size {world} is not divisible by sp_size={sp_size} (ranks = data-parallel x sp_size)")
-    if world > 1 and world < sp_size:
-        raise ValueError(f"world size {world} is smaller than sp_size={sp_size}")
     prepare_model_for_sp(model, sp_size=sp_size)
     training_args.parallelism_config = make_parallelism_config(sp_size)
     return training_args
