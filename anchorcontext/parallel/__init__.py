@@ -41,8 +41,8 @@ __all__ = [
     "register_sp_attention",
     "register_ulysses",
     "require_deepspeed",
-    "sp_causal_lm_loss",
     "sequence_parallel_trainer_class",
+    "sp_causal_lm_loss",
     "sp_state",
     "unprepare_model_for_sp",
 ]

@@ -45,7 +45,7 @@ def _resolved_ds_config(training_args) -> dict | str | None:
         if path and path.lower() != "none":
             return path
         # accelerate's DeepSpeedPlugin default stage is 2
-        return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+        return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
     return None
 
 

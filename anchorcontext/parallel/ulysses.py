@@ -101,7 +101,7 @@ def _sp_mask_fn(*args, **kwargs):
     The Ulysses wrapper discards 4-D masks (they would be built for the local shard's length and cost
     O(L^2)); the anchor forward takes its boundaries from the layout, and a plain forward runs causal SDPA.
     """
-    return None
+    return
 
 
 def register_sp_attention() -> str:
@@ -132,7 +132,7 @@ def default_sp_group():
     """DeepSpeed's SP process group (set by ``register_with_transformers``), or ``None`` before that."""
     try:
         import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
-    except Exception:
+    except ImportError:
         return None
     return mpu._SEQUENCE_PARALLEL_GROUP
 
@@ -158,9 +158,9 @@ def global_layout(kwargs: dict, local_len: int, sp_size: int, group, *, gather: 
     from ..patches import anchor_kwargs_to_layout
 
     doc_ids = kwargs.get("anchor_doc_ids")
-    if isinstance(doc_ids, torch.Tensor) and doc_ids.dim() == 2 and doc_ids.shape[1] == local_len and sp_size > 1:
-        if gather:
-            kwargs["anchor_doc_ids"] = gather_doc_ids(doc_ids, group)
+    sharded = isinstance(doc_ids, torch.Tensor) and doc_ids.dim() == 2 and doc_ids.shape[1] == local_len
+    if sharded and sp_size > 1 and gather:
+        kwargs["anchor_doc_ids"] = gather_doc_ids(doc_ids, group)
     given = kwargs.get("anchor_layout")
     given = given if given is not None else kwargs.get("anchor_doc_ids")
     length = given.seq_len if isinstance(given, AnchorLayout) else (
@@ -183,7 +183,7 @@ def _sp_pre_hook(state, module, args, kwargs):
     ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
     ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
     if not isinstance(ref, torch.Tensor):
-        raise ValueError("an anchor forward under sequence parallelism needs input_ids or inputs_embeds")
+        raise ValueError("an anchor forward under sequence parallelism needs input_ids or inputs_embeds")  # noqa: TRY004
     # Matches accelerate's ``disable_in_eval=True``: SP runs in training only; eval batches are not sharded.
     active = module.training or not state["disable_in_eval"]
     sp_size = state["sp_size"] if active else 1
@@ -231,9 +231,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
 
     root = _pretrained_root(model)
     check_sp_heads(root.config, sp_size)
-    if not is_patched(model):
-        patch_model(model, backend=backend)
-    elif backend != "auto":
+    if not is_patched(model) or backend != "auto":
         patch_model(model, backend=backend)
     register_sp_attention()
     existing = getattr(root, _SP_STATE_ATTR, None)

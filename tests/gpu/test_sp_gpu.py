@@ -28,7 +28,7 @@ def run_case(device: str, backend: str, dtype: str, timeout: int = 300) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     p = subprocess.run([sys.executable, HERE, "--device", device, "--backend", backend, "--dtype", dtype],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         raise AssertionError(f"case {device}/{backend}/{dtype} failed (rc={p.returncode})\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
@@ -46,7 +46,7 @@ def check_result(r: dict) -> None:
 def _gpu_skip_reason() -> str | None:
     try:
         import deepspeed  # noqa: F401
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any import failure means: skip
         return f"deepspeed does not import: {e}"
     import torch
 
