@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, lengths=[128, 256],
                  mean_doc=32.0),
     # README size: the CPU-goal model at short lengths, a few minutes on 2 cores
-    "quick": dict(layers=4, hidden=512, heads=8, kv_heads=8, intermediate=1408, vocab=8192, lengths=[2048, 4096]),
+    "quick": dict(layers=4, hidden=512, heads=8, kv_heads=8, intermediate=1408, vocab=8192, lengths=[1024, 2048]),
     # the CPU goal of issue 8
     "cpu": dict(layers=4, hidden=512, heads=8, kv_heads=8, intermediate=1408, vocab=8192, lengths=[8192, 16384]),
     # ~1.1B Llama (Llama-3.2-1B shape: 16 layers, hidden 2048, 32 heads, 8 KV heads, MLP 8192; vocab cut to
@@ -101,11 +101,18 @@ class BenchConfig:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default 1 on CPU)"})
     repeats: int = field(default=3, metadata={"help": "timed steps per configuration (median reported)"})
     warmup: int = field(default=1, metadata={"help": "untimed steps per configuration"})
+    warmup_each_length: bool = field(default=True, metadata={"help": (
+        "warm up at every length (needed where kernels compile per length, e.g. flex on CUDA); false: only at the "
+        "first length (CPU eager has nothing to compile per length)")})
     grad_ckpt: bool | None = field(default=None, metadata={"help": "gradient checkpointing (default: preset)"})
     memory: bool = field(default=True, metadata={"help": "record peak memory of every timed step"})
     matmul_rate: bool = field(default=True, metadata={"help": "measure the device's dense matmul rate"})
     flex_check: bool = field(default=True, metadata={"help": "flex: BlockMask build time and recompile check"})
     profile: bool = field(default=False, metadata={"help": "profile one step per config at the largest L"})
+    cpu_mmap_threshold: int = field(default=65536, metadata={"help": (
+        "CPU/Linux: glibc M_MMAP_THRESHOLD set with mallopt at start, so every tensor above it is its own mapping "
+        "returned to the OS when freed and the peak RSS tracks live tensor bytes (0: keep glibc's dynamic default, "
+        "whose heap reuse mixes fragmentation into the RSS)")})
     lr: float = 1e-5
     out: str | None = field(default=None, metadata={"help": "JSON results path (PNG beside it)"})
     png: str | None = field(default=None, metadata={"help": "PNG path (default: --out with .png)"})
@@ -147,6 +154,8 @@ class BenchConfig:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.cpu_mmap_threshold < 0:
+            raise ValueError(f"cpu_mmap_threshold must be >= 0 (0 = glibc default), got {self.cpu_mmap_threshold!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         if self.threads is None and not self.device.startswith("cuda"):
@@ -283,15 +292,21 @@ def step_flops(attn_fwd: int, p_mm: int, p_layers: int, tokens: int, grad_ckpt: 
 class PeakMemory:
     """Peak memory of one call: CUDA allocator bytes, or Linux peak RSS (``VmHWM``) on CPU."""
 
-    def __init__(self, device: torch.device):
+    M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+    def __init__(self, device: torch.device, mmap_threshold: int = 0):
         self.device = device
         self.libc = None
+        self.mmap_threshold = None
         if device.type == "cpu" and sys.platform.startswith("linux"):
             try:
                 self.libc = ctypes.CDLL("libc.so.6")
                 self._reset_hwm()
             except OSError:
                 self.libc = None
+            if self.libc is not None and mmap_threshold > 0:
+                if self.libc.mallopt(self.M_MMAP_THRESHOLD, int(mmap_threshold)) == 1:
+                    self.mmap_threshold = int(mmap_threshold)
 
     @staticmethod
     def _status_kib(name: str) -> int:
@@ -311,7 +326,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated (peak) and its increase over memory_allocated before the step"
         if self.libc is not None:
-            return "Linux VmHWM after malloc_trim + /proc/self/clear_refs reset (peak RSS) and its increase over VmRSS before"
+            how = (f"glibc M_MMAP_THRESHOLD={self.mmap_threshold} (tensors above it are mapped and unmapped on free, so "
+                   "RSS tracks live bytes)" if self.mmap_threshold else "glibc default dynamic mmap threshold")
+            return ("Linux VmHWM after malloc_trim + /proc/self/clear_refs reset (peak RSS) and its increase over VmRSS "
+                    f"before; {how}")
         return "unavailable on this platform"
 
     def start(self) -> int | None:
@@ -471,16 +489,23 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def run(cfg: BenchConfig, log=print) -> dict:
-    """Run the benchmark; returns the results dict (also written to ``cfg.out`` after every length)."""
+def _print(msg: str, verbose: bool = False) -> None:
+    print(msg, flush=True)
+
+
+def run(cfg: BenchConfig, log=_print) -> dict:
+    """Run the benchmark; returns the results dict (also written to ``cfg.out`` after every length).
+
+    ``log(message, verbose=False)`` receives progress lines (per-step times are ``verbose``).
+    """
     device = torch.device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dtype = DTYPES[cfg.dtype]
     backends, skipped = trainable_backends(device, cfg.backends)
     info = machine_info(device)
+    mem = PeakMemory(device, cfg.cpu_mmap_threshold) if cfg.memory else None  # before the model is allocated
     runner = Runner(cfg, device)
-    mem = PeakMemory(device) if cfg.memory else None
     configs = ([("full", "stock")] if cfg.stock else []) + [(m, b) for b in backends for m in cfg.masks]
     H, D = cfg.heads, cfg.hidden // cfg.heads
     doc_note = f"lognormal(mean={cfg.mean_doc:g}, sigma={cfg.sigma:g}), seed {cfg.seed}"
@@ -518,9 +543,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     for L in cfg.lengths:
         T = cfg.batch * L
-        n_batches = cfg.warmup + cfg.repeats
-        doc_ids = make_doc_ids(cfg, L, max(n_batches, 1), rng, stream)
-        warm_ids, timed_ids = doc_ids[: cfg.warmup], doc_ids[cfg.warmup:]
+        n_warm = cfg.warmup if (cfg.warmup_each_length or L == cfg.lengths[0]) else 0
+        doc_ids = make_doc_ids(cfg, L, n_warm + cfg.repeats, rng, stream)
+        warm_ids, timed_ids = doc_ids[:n_warm], doc_ids[n_warm:]
         # exact FLOPs of the timed batches, per mask
         attn = {m: cfg.layers * sum(AnchorLayout.from_doc_ids(d, m).attention_flops(D, H) for d in timed_ids)
                 for m in MASKS}
@@ -540,6 +565,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
                     dt = runner.step(runner.batch(d, mode, backend, gen), backend)
                     if w == 0:
                         r["first_step_s"] = dt
+                    log(f"  L={L} {backend}/{mode} warm-up {w}: {dt:.3f} s", verbose=True)
             except Exception as e:  # noqa: BLE001 - an OOM in one config must not end the run
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 log(f"L={L} {backend}/{mode}: warm-up failed: {r['error']}")
@@ -563,6 +589,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
                     _cleanup(device)
                     continue
                 r["times_s"].append(dt)
+                log(f"  L={L} {backend}/{mode} repeat {i}: {dt:.3f} s | load {os.getloadavg()[0]:.1f}", verbose=True)
                 if peak is not None:
                     r["peak_bytes"].append(peak)
                     r["peak_increase_bytes"].append(peak - before)

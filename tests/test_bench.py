@@ -100,7 +100,7 @@ def test_tiny_run_end_to_end(tmp_path):
 def test_flex_check_reports_build_time_and_fractions():
     cfg = bench.BenchConfig(preset="tiny", lengths=[128], masks=["anchor"])
     recs = {("anchor", "flex"): {"step_s": 0.5, "first_step_s": 3.0}}
-    out = bench._flex_check(cfg, recs, 128, np.random.default_rng(0), None, torch.device("cpu"), 0, log=lambda s: None)
+    out = bench._flex_check(cfg, recs, 128, np.random.default_rng(0), None, torch.device("cpu"), 0, log=lambda s, verbose=False: None)
     assert out["block_mask_build_s"] > 0
     assert out["anchor_compile_s_est"] == pytest.approx(2.5)
     assert out["anchor_build_fraction_of_step"] == pytest.approx(out["block_mask_build_s"] / 0.5)
