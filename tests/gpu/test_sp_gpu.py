@@ -24,7 +24,7 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 
 
-def run_case(device: str, backend: str, dtype: str, timeout: int = 300) -> dict:
+def run_case(device: str, backend: str, dtype: str, timeout: int = 600) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     p = subprocess.run([sys.executable, HERE, "--device", device, "--backend", backend, "--dtype", dtype],
