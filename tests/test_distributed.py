@@ -149,6 +149,13 @@ def test_ddp_two_ranks_matches_single_process(tmp_path):
         assert d["grad_max_rel"] <= 2e-5, d
 
 
+def test_fsdp2_two_ranks_matches_single_process(tmp_path):
+    """FSDP2 fully_shard on the patched model (decoder hooks, AnchorLayout kwargs through sharded layers)."""
+    for r, d in enumerate(_launch("fsdp2", tmp_path)):
+        assert d["sharded"] and d["n_params"] == 21, d
+        assert d["loss_rel"] <= 2e-6 and d["grad"] <= 2e-5, d
+
+
 # in-process checks (no launch) ----------------------------------------------------------------------------------
 def test_deepspeed_config_gradient_scale_guard():
     from anchorcontext.parallel import check_deepspeed_config_for_sp
@@ -604,6 +611,40 @@ def scenario_trainer(rank, world, res):
 
 def scenario_trainer_stock(rank, world, res):
     _trainer_run(rank, world, res, mixin=False)
+
+
+def scenario_fsdp2(rank, world, res):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard`` per decoder layer + root, what accelerate's fsdp2.yaml applies;
+    accelerate itself enables FSDP only on GPU hosts) with the anchor patch: rank r trains on its own batch."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import anchorcontext
+    from anchorcontext.parallel import count_targets, sp_causal_lm_loss
+
+    dist.init_process_group("gloo")
+    base = _model(torch.float32)
+    batches = [_collate(ROWS), _collate(ROWS_B)]
+    ref_grads, ref_loss = _reference_steps(base, batches)
+    model = anchorcontext.patch_model(base, backend="sdpa")
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    b = batches[rank]
+    n = count_targets(_shift(b["labels"]))
+    dist.all_reduce(n)
+    out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], anchor_layout=b["anchor_layout"])
+    loss, s, _ = sp_causal_lm_loss(out.logits, _shift(b["labels"]), num_items_in_batch=n, dp_size=world)
+    loss.backward()
+    dist.all_reduce(s)
+    res["loss_rel"] = abs(float(s) / float(n) - ref_loss) / ref_loss
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # FSDP2 averages over the DP ranks
+    res["sharded"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
+    res["grad"] = max(_rel(grads[k], ref_grads[k]) for k in ref_grads)
+    res["n_params"] = sum(1 for k in ref_grads if k in grads)
 
 
 def scenario_ddp(rank, world, res):
