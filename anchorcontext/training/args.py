@@ -185,7 +185,7 @@ class AnchorArguments:
     sp_size: int = field(default=1, metadata={"help": "sequence-parallel group size (Ulysses); 1 = off"})
     tokens_per_step: int | None = field(default=None, metadata={"help": "derive gradient accumulation from it"})
     eval_before_after: bool = field(default=True, metadata={"help": "held-out loss + RULER-style eval before/after"})
-    eval_tasks: list[str] | None = field(default=None, metadata={"help": "anchorcontext.evaluation tasks"})
+    eval_tasks: list[str] | None = field(default=None, metadata={"help": "anchorcontext.evaluation tasks ('none': off)"})
     eval_lengths: list[int] | None = field(default=None, metadata={"help": "eval context lengths (default: seq_len)"})
     eval_samples: int = field(default=2, metadata={"help": "samples per task and length"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots (matplotlib)"})
@@ -205,6 +205,8 @@ class AnchorArguments:
         _positive_int("tokens_per_step", self.tokens_per_step, allow_none=True)
         _positive_int("eval_samples", self.eval_samples)
         _positive_int("threads", self.threads, allow_none=True)
+        if self.eval_tasks is not None and [t.lower() for t in self.eval_tasks] in ([], ["none"]):
+            self.eval_tasks = None  # `--eval_tasks none` turns the RULER-style evaluation off
         for n in self.eval_lengths or ():
             _positive_int("eval_lengths", n, minimum=2)
 

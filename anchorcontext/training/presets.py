@@ -12,7 +12,7 @@ DEMO: dict = {
     "dataset": "stdlib",
     "seq_len": 2048,
     "max_train_rows": 64,
-    "max_eval_rows": 4,
+    "max_eval_rows": 2,
     "mask": "anchor",
     "positions": "continuous",
     "eval_tasks": ["passkey"],

@@ -379,8 +379,9 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
     t_start = time.perf_counter()
     if training_args.remove_unused_columns:
         training_args.remove_unused_columns = False  # doc_lens is not a model argument but must reach the collator
-    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    ckpt_kw = "activation_checkpointing" if hasattr(training_args, "activation_checkpointing") else "gradient_checkpointing"
+    if getattr(training_args, ckpt_kw) and not getattr(training_args, ckpt_kw + "_kwargs"):
+        setattr(training_args, ckpt_kw + "_kwargs", {"use_reentrant": False})
     resume = _resolve_resume(training_args)
     out = pathlib.Path(training_args.output_dir)
     if resume is None and out.is_dir() and any(out.glob("checkpoint-*")):
@@ -422,7 +423,7 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
         eval_dataset=data.eval,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[throughput, interrupt, *(callbacks or [])],
+        callbacks=[*(callbacks or []), throughput, interrupt],
     )
     main = trainer.is_world_process_zero()
     if main:

