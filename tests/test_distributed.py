@@ -240,6 +240,27 @@ def test_accelerate_configs_load_and_pass_the_sp_guard():
     assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
 
 
+def test_layout_pickles_with_cpu_tensors_and_no_device_cache():
+    """DeepSpeed's adapter all_gather_object's the layout after accelerate moved it to the GPU; it must travel as
+    CPU tensors (else every rank unpickles onto the sender's GPU). CPU stand-in: the device cache is dropped."""
+    import pickle
+
+    import torch
+
+    from anchorcontext.layout import AnchorLayout
+    from anchorcontext.parallel import register_layout_pickling
+
+    register_layout_pickling()
+    lay = _collate(ROWS)["anchor_layout"]
+    lay._cache[("to", "cuda:3")] = "stand-in for a device copy"
+    back = pickle.loads(pickle.dumps(lay))
+    assert isinstance(back, AnchorLayout) and back._cache == {} and back is not lay
+    for f in ("doc_ids", "cu_seqlens_q", "cu_seqlens_k", "kv_index"):
+        assert getattr(back, f).device.type == "cpu" and torch.equal(getattr(back, f), getattr(lay, f)), f
+    for f in ("mask", "max_seqlen_q", "max_seqlen_k", "seqlens_q", "seqlens_k", "seg_row", "seg_anchor"):
+        assert getattr(back, f) == getattr(lay, f), f
+
+
 @needs_ds
 def test_configure_sequence_parallel_wiring(tmp_path, monkeypatch):
     from transformers import TrainingArguments

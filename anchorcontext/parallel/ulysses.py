@@ -217,6 +217,32 @@ def _contiguous_pre_hook(module, args, kwargs):
     return (args, kwargs) if changed else None
 
 
+_LAYOUT_FIELDS = ("doc_ids", "mask", "cu_seqlens_q", "cu_seqlens_k", "kv_index", "max_seqlen_q", "max_seqlen_k",
+                  "seqlens_q", "seqlens_k", "seg_row", "seg_anchor")
+
+
+def _rebuild_layout(*values) -> AnchorLayout:
+    return AnchorLayout(**dict(zip(_LAYOUT_FIELDS, values)))
+
+
+def _reduce_layout(layout: AnchorLayout):
+    cpu = layout.to("cpu")
+    return _rebuild_layout, tuple(getattr(cpu, f) for f in _LAYOUT_FIELDS)
+
+
+def register_layout_pickling() -> None:
+    """Pickle :class:`AnchorLayout` with CPU tensors and without its device cache (idempotent).
+
+    DeepSpeed's dataloader adapter sends the layout to the other SP ranks with ``all_gather_object`` after
+    accelerate moved the batch to the GPU. Pickled CUDA tensors come back on the SENDER's device index, so every
+    rank would touch (and create a CUDA context on) every other rank's GPU. The pre-hook moves the layout to
+    the local device once per forward. Registered through ``copyreg`` (the standard pickling registry).
+    """
+    import copyreg
+
+    copyreg.pickle(AnchorLayout, _reduce_layout)
+
+
 def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_in_eval: bool = True,
                          group_fn=None):
     """Patch ``model`` for AnchorAttention under Ulysses SP; returns the same model. Idempotent.
@@ -234,6 +260,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
     if not is_patched(model) or backend != "auto":
         patch_model(model, backend=backend)
     register_sp_attention()
+    register_layout_pickling()
     existing = getattr(root, _SP_STATE_ATTR, None)
     if existing is not None:
         existing.update(sp_size=sp_size, disable_in_eval=disable_in_eval, group=group_fn or default_sp_group)
