@@ -61,16 +61,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Model shapes and lengths per preset; any field given on the command line wins.
 PRESETS: dict[str, dict[str, Any]] = {
     # the dry-run / test size: seconds on a laptop
-    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, lengths=[128, 256],
-                 mean_doc=32.0),
+    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512,
+             "lengths": [128, 256], "mean_doc": 32.0},
     # README size: the CPU-goal model at short lengths, a few minutes on 2 cores
-    "quick": dict(layers=4, hidden=512, heads=8, kv_heads=8, intermediate=1408, vocab=8192, lengths=[1024, 2048]),
+    "quick": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 8192,
+              "lengths": [1024, 2048]},
     # the CPU goal of issue 8
-    "cpu": dict(layers=4, hidden=512, heads=8, kv_heads=8, intermediate=1408, vocab=8192, lengths=[8192, 16384]),
+    "cpu": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 8192,
+            "lengths": [8192, 16384]},
     # ~1.1B Llama (Llama-3.2-1B shape: 16 layers, hidden 2048, 32 heads, 8 KV heads, MLP 8192; vocab cut to
     # 32000 so the fp32 loss of a 64K row fits beside the model). Gradient checkpointing for 64K.
-    "gpu-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=32000,
-                   lengths=[8192, 32768, 65536], grad_ckpt=True),
+    "gpu-1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 32000,
+               "lengths": [8192, 32768, 65536], "grad_ckpt": True},
 }
 
 
@@ -175,7 +177,7 @@ def lognormal_doc_lens(length: int, mean: float, sigma: float, rng: np.random.Ge
     lens: list[int] = []
     left = length - 1
     while left > 0:
-        n = min(max(1, int(round(rng.lognormal(mu, sigma)))), left)
+        n = min(max(1, round(rng.lognormal(mu, sigma))), left)
         lens.append(n)
         left -= n
     return lens
@@ -304,9 +306,9 @@ class PeakMemory:
                 self._reset_hwm()
             except OSError:
                 self.libc = None
-            if self.libc is not None and mmap_threshold > 0:
-                if self.libc.mallopt(self.M_MMAP_THRESHOLD, int(mmap_threshold)) == 1:
-                    self.mmap_threshold = int(mmap_threshold)
+            ok = self.libc is not None and mmap_threshold > 0
+            if ok and self.libc.mallopt(self.M_MMAP_THRESHOLD, int(mmap_threshold)) == 1:
+                self.mmap_threshold = int(mmap_threshold)
 
     @staticmethod
     def _status_kib(name: str) -> int:
@@ -690,7 +692,7 @@ HEADER = (f"{'L':>6} {'backend':7} {'mode':9} {'step s':>8} {'tok/s':>8} {'x sto
 
 
 def _row(r: dict) -> str:
-    mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+    mib = lambda b: None if b is None else b / 2**20
     if r.get("error") and not r.get("step_s"):
         return f"{r['L']:6d} {r['backend']:7} {r['mode']:9} ERROR {r['error']}"
     return (f"{r['L']:6d} {r['backend']:7} {r['mode']:9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '8.0f')} "
@@ -705,6 +707,24 @@ def format_table(result: dict) -> str:
     lines = [HEADER, "-" * len(HEADER)] + [_row(r) for r in result["results"]]
     lines.append("x stock / x full: speedup over stock SDPA full causal / over the same backend's full mode; "
                  "limit: whole-step FLOP ratio full/mode; frac: (x full)/limit; +MiB: peak increase during the step")
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict) -> str:
+    """The results as a Markdown table (for docs/performance.md)."""
+    mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+    lines = [("| L | backend / mode | step s | tokens/s | x stock | x full | whole-step limit | of limit | attn limit "
+              "| peak MiB | +MiB in step |"),
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        if not r.get("step_s"):
+            lines.append(f"| {r['L']} | {r['backend']} / {r['mode']} | error: {r.get('error')} |||||||||")
+            continue
+        lines.append(
+            f"| {r['L']} | {r['backend']} / {r['mode']} | {r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{_fmt(r['speedup_vs_stock'], '.2f')} | {_fmt(r['speedup_vs_full'], '.2f')} | {r['step_flop_ratio']:.2f} | "
+            f"{_fmt(r['fraction_of_limit_vs_full'], '.0%')} | {r['attn_flop_ratio']:.2f} | {mib(r['peak_mem_bytes'])} | "
+            f"{mib(r['peak_mem_increase_bytes'])} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anchorcontext.bench import main  # noqa: E402
+from anchorcontext.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

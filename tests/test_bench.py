@@ -95,6 +95,8 @@ def test_tiny_run_end_to_end(tmp_path):
     if res["memory_method"] and "VmHWM" in res["memory_method"]:
         assert all(r["peak_mem_bytes"] > 0 for r in by.values())
     assert "stock" in bench.format_table(res) and "anchor" in bench.format_table(res)
+    md = bench.markdown_table(res).splitlines()
+    assert len(md) == 2 + 4 and md[2].startswith("| 96 | stock / full |")
 
 
 def test_flex_check_reports_build_time_and_fractions():
