@@ -1,6 +1,8 @@
 # The two commands: `make demo` (the main job) and `make test` (the test suite).
 # Each works on a fresh machine: creates .venv, installs a CPU torch first when none is present
 # (never a bare `torch`, which pulls a multi-GB CUDA build), installs the project, runs.
+# DeepSpeed is installed without prebuilt ops (DS_BUILD_OPS=0); its CPU comm op is JIT-built once
+# into TORCH_EXTENSIONS_DIR by the distributed tests (needs g++).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.anchorcontext-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 venv: $(STAMP)
