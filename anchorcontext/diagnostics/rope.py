@@ -199,20 +199,21 @@ def shifted_position_ids(length: int, offsets: Sequence[int], layout: str = "shi
 
 
 def deviation_terms(
-    probs_ref: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor
+    probs_ref: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, *, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row, first-key and per-key terms of ``|A − A_ref|``, heads summed (float64).
+    """Per-row, first-key and per-key terms of ``|A − A_ref|``, heads summed; results float64.
 
     ``probs_ref``, ``probs``: ``(..., L, L)`` attention probabilities (rows = queries, masked entries 0);
     leading dimensions (heads) are summed. ``weights``: ``(L,)`` row weights ``n``. Returns
     ``row: (L,)`` ``Σ_j |ΔA_ij|``, ``first: (L,)`` ``|ΔA_i0|`` and ``key: (L,)`` ``Σ_i n_i |ΔA_ij|``;
-    ``(weights * row).sum() == key.sum()`` is Eq. 4 for one layer.
+    ``(weights * row).sum() == key.sum()`` is Eq. 4 for one layer. Sums run in the dtype of ``probs``
+    (all terms are non-negative: no cancellation). ``inplace=True`` overwrites ``probs``.
     """
     if probs_ref.shape != probs.shape or probs.dim() < 2 or probs.shape[-1] != probs.shape[-2]:
         raise ValueError(f"probs must be (..., L, L) and match probs_ref; got {tuple(probs.shape)}, {tuple(probs_ref.shape)}")
-    m = (probs - probs_ref).abs_()
-    m = m.reshape(-1, *m.shape[-2:]).sum(0, dtype=torch.float64)
-    return m.sum(-1), m[:, 0].clone(), weights.to(torch.float64) @ m
+    m = (probs.sub_(probs_ref) if inplace else probs - probs_ref).abs_()
+    m = m.reshape(-1, *m.shape[-2:]).sum(0)
+    return m.sum(-1).double(), m[:, 0].double(), (weights.to(m.dtype) @ m).double()
 
 
 # ----------------------------------------------------------------------------------- probe function
@@ -231,14 +232,15 @@ class _ProbeState:
         self.score_dtype: torch.dtype | None = None
         self._mask_cache: dict[Any, torch.Tensor] = {}
 
-    def _mask(self, L: int, sliding_window, device) -> torch.Tensor:
+    def _masked(self, L: int, sliding_window, device) -> torch.Tensor:
+        """``(L, L)`` bool, True where key ``j`` is hidden from query ``i`` (``j > i``, or outside the window)."""
         key = (L, sliding_window, str(device))
         if key not in self._mask_cache:
             i = torch.arange(L, device=device)
             allowed = i[None, :] <= i[:, None]
             if sliding_window is not None:
                 allowed &= i[None, :] > i[:, None] - int(sliding_window)
-            self._mask_cache[key] = allowed
+            self._mask_cache[key] = ~allowed
         return self._mask_cache[key]
 
     def attend(self, module, query, key, value, scaling, sliding_window, softcap) -> torch.Tensor:
@@ -252,18 +254,17 @@ class _ProbeState:
         acc = torch.promote_types(qk_dtype, torch.float32)
         self.rotated_dtype, self.score_dtype = query.dtype, qk_dtype
         scale = 1.0 / math.sqrt(D) if scaling is None else float(scaling)
-        allowed = self._mask(L, sliding_window, query.device)
+        masked = self._masked(L, sliding_window, query.device)
 
-        def scores(b: int) -> torch.Tensor:  # (H, L, L) in acc; eager semantics: matmul and scale in qk dtype
+        def scores(b: int) -> torch.Tensor:  # (H, L, L) in qk dtype; eager semantics: matmul and scale in qk dtype
             q = query[b].to(qk_dtype).reshape(Hkv, G * L, D)  # head h uses kv head h // G, as repeat_kv
-            s = torch.matmul(q, key[b].to(qk_dtype).transpose(-1, -2)) * scale
-            s = s.view(H, L, L)
+            s = torch.matmul(q, key[b].to(qk_dtype).transpose(-1, -2)).mul_(scale).view(H, L, L)
             if softcap is not None:
                 s = softcap * torch.tanh(s / softcap)
-            return s.to(acc)
+            return s
 
-        def probs(s: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        def probs(s: torch.Tensor) -> torch.Tensor:  # consumes s; softmax in acc (>= float32)
+            return torch.softmax(s.masked_fill_(masked, float("-inf")), dim=-1, dtype=acc)
 
         def apply(p: torch.Tensor, b: int) -> torch.Tensor:  # (L, H, D)
             o = torch.matmul(p.to(value.dtype).view(Hkv, G * L, L), value[b])
@@ -271,19 +272,19 @@ class _ProbeState:
 
         out = torch.empty(B, L, H, D, dtype=value.dtype, device=value.device)
         rec = {k: torch.zeros(B, L, dtype=torch.float64) for k in ("row", "first", "key", "logit0")}
-        s_ref = scores(0)
-        p_ref = probs(s_ref)
-        s0_ref = s_ref[:, :, 0].clone()
-        del s_ref
+        weights = self.weights.to(device=query.device, dtype=acc)
+        s = scores(0)
+        s0_ref = s[:, :, 0].to(acc, copy=True)  # s is masked in place next
+        p_ref = probs(s)
         out[0] = apply(p_ref, 0)
         for b in range(1, B):
             s = scores(b)
-            rec["logit0"][b] = (s[:, :, 0] - s0_ref).abs().sum(0, dtype=torch.float64).cpu()
+            rec["logit0"][b] = (s[:, :, 0].to(acc) - s0_ref).abs_().sum(0).double().cpu()
             p = probs(s)
             del s
-            row, first, keyc = deviation_terms(p_ref, p, self.weights.to(p.device))
-            rec["row"][b], rec["first"][b], rec["key"][b] = row.cpu(), first.cpu(), keyc.cpu()
             out[b] = apply(p, b)
+            row, first, keyc = deviation_terms(p_ref, p, weights, inplace=True)  # p is overwritten
+            rec["row"][b], rec["first"][b], rec["key"][b] = row.cpu(), first.cpu(), keyc.cpu()
             del p
         layer = getattr(module, "layer_idx", None)
         self.layers[self.calls if layer is None else int(layer)] = rec
