@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ RECIPES = {
     "mistral-7b-64k": (5e6, 65536),
 }
 # A tiny, fast run: one thread, short rows, no RULER eval unless a test asks for it.
-TINY = ["--quick", "--threads", "1", "--seq_len", "128", "--tiny_hidden_size", "32", "--max_eval_rows", "2",
+TINY = ["--quick", "--threads", "1", "--seq_len", "128", "--max_eval_rows", "2",
         "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--logging_steps", "1",
         "--eval_tasks", "none", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--plots", "false"]
 
@@ -54,7 +55,7 @@ def test_tiny_end_to_end_loss_decreases_on_repeated_batch(tmp_path):
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     # two rows, batch 2: every step sees the same batch, so the loss must fall steadily
     assert losses[-1] < losses[0] - 1.0, losses
-    assert sum(b < a_ for a_, b in zip(losses, losses[1:])) >= 6, losses
+    assert sum(b < a_ for a_, b in itertools.pairwise(losses)) >= 6, losses
     out = tmp_path / "run"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["steps"] == 8 and on_disk["last_loss"] == pytest.approx(losses[-1])
@@ -208,7 +209,7 @@ def test_jsonl_text_pretokenized_and_streaming_match_pack_documents(tmp_path, to
     expected, _ = pack_documents(ids, seq_len=64, tokenizer=tokenizer)
     text_file = _write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
     tok_file = _write_jsonl(tmp_path / "p.jsonl", [{"input_ids": x} for x in ids])
-    kw = dict(seq_len=64, eval_fraction=0.0, shuffle_documents=False, max_eval_rows=0)
+    kw = {"seq_len": 64, "eval_fraction": 0.0, "shuffle_documents": False, "max_eval_rows": 0}
     for path, streaming in ((text_file, False), (tok_file, False), (text_file, True)):
         data = build_datasets(DataArguments(dataset=str(path), streaming=streaming, **kw), tokenizer)
         got = list(data.train) if streaming else [data.train[i] for i in range(len(data.train))]
@@ -270,7 +271,7 @@ def test_rope_overrides_reach_the_rotary_embedding(tmp_path):
     from anchorcontext.training.train import build_model
 
     m = ModelArguments(model_name_or_path="tiny", tiny_hidden_size=32, rope_theta=5e6, max_position_embeddings=8192)
-    model, tok, _ = build_model(m)
+    model, _tok, _ = build_model(m)
     rot = model.model.rotary_emb
     hd = model.config.hidden_size // model.config.num_attention_heads
     expected = 1.0 / (5e6 ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
@@ -312,7 +313,7 @@ def test_bad_option_values_name_the_field(make, match):
 def test_tokens_per_step_must_divide(tmp_path):
     from anchorcontext.training.train import apply_tokens_per_step
 
-    m, d, a, t = _args(tmp_path, "--tokens_per_step", "1000")
+    _m, d, a, t = _args(tmp_path, "--tokens_per_step", "1000")
     with pytest.raises(ValueError, match="tokens_per_step=1000"):
         apply_tokens_per_step(a, d, t)
 

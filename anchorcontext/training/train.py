@@ -164,9 +164,8 @@ def build_model(margs: ModelArguments, *, seed: int = 0) -> tuple[Any, Any, str]
         tok = AutoTokenizer.from_pretrained(margs.tokenizer_name_or_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if name == "tiny" or not margs.from_scratch:
-        if apply_rope_overrides(model.config, margs):
-            _rebuild_rotary(model)
+    if (name == "tiny" or not margs.from_scratch) and apply_rope_overrides(model.config, margs):
+        _rebuild_rotary(model)  # from_scratch configs got the overrides before the model was built
     model.config.use_cache = False
     return model, tok, source
 
@@ -331,7 +330,7 @@ def _run_eval(model, tokenizer, aargs: AnchorArguments, dargs: DataArguments, se
     try:
         return evaluate(model, tokenizer, tasks=list(aargs.eval_tasks), lengths=lengths, samples=aargs.eval_samples,
                         seed=seed, out_dir=str(out_dir), ppl_samples=aargs.eval_samples, progress=False)
-    except Exception as e:  # an evaluation failure must not lose a finished training run
+    except Exception as e:  # noqa: BLE001 - an evaluation failure must not lose a finished training run
         logger.warning("anchorcontext: evaluation failed: %s: %s", type(e).__name__, e)
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -555,10 +554,10 @@ def format_summary(s: dict) -> str:
     rows = [
         ("model", s["model_source"]),
         ("attention", f"mask={s['mask']}  positions={s['positions']}  backend={s['attn_backend']}"),
-        ("data", f"{s['data']['train_rows'] if s['data']['train_rows'] is not None else 'stream of'} rows x "
-                 f"{s['data']['seq_len']} tokens  ({s['data']['source']})"),
-        ("steps", f"{s['steps']}  ({s['tokens_per_step']} tokens/step"
-                  f"{', interrupted' if s['interrupted'] else ''})"),
+        ("data", (f"{s['data']['train_rows'] if s['data']['train_rows'] is not None else 'stream of'} rows x "
+                  f"{s['data']['seq_len']} tokens  ({s['data']['source']})")),
+        ("steps", (f"{s['steps']}  ({s['tokens_per_step']} tokens/step"
+                   f"{', interrupted' if s['interrupted'] else ''})")),
         ("train loss", f"{_fmt(s['first_loss'])} (first step) -> {_fmt(s['last_loss'])} (last step)"),
         ("held-out loss", f"{_fmt(lb)} -> {_fmt(la)}" + (
             f"  (ppl {_fmt(math.exp(lb), 2)} -> {_fmt(math.exp(la), 2)})" if lb is not None and la is not None else "")),
@@ -568,8 +567,8 @@ def format_summary(s: dict) -> str:
         rows.append(("RULER-style score", f"{_score(eb)} -> {_score(ea)}"))
     rows += [
         ("throughput", f"{_fmt(s['tokens_per_second_median'], 1)} tokens/s (median step)"),
-        ("time", f"total {t['total']:.0f} s = model {t['model']:.0f} + data {t['data']:.0f} + eval "
-                 f"{t['eval_before'] + t['eval_after']:.0f} + train {t['train']:.0f} + save {t['save']:.0f}"),
+        ("time", (f"total {t['total']:.0f} s = model {t['model']:.0f} + data {t['data']:.0f} + eval "
+                  f"{t['eval_before'] + t['eval_after']:.0f} + train {t['train']:.0f} + save {t['save']:.0f}")),
         ("outputs", f"{s['output_dir']}/ (model/, summary.json{', loss.png, throughput.png' if s.get('plots') else ''})"),
     ]
     w = max(len(k) for k, _ in rows)
