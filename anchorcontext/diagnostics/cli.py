@@ -25,7 +25,9 @@ from .rope import DEFAULT_SETTINGS, PAPER_REFERENCE_OFFSET, ROW_WEIGHTS, SETTING
 #: Default Δ1 values: the paper's list thinned to fit ~3 minutes on a 2-core CPU with SmolLM2-135M.
 DEFAULT_OFFSETS = (0, 4, 15, 17, 50, 200, 1000, 2000)
 DEFAULT_LENGTHS = (64, 128, 256, 512)
-USAGE = "usage: anchorcontext diagnose rope [--model PATH|tiny|smollm2] [--lengths T ...] [--offsets D ...] [--out DIR] ..."
+USAGE = (
+    "usage: anchorcontext diagnose rope [--model PATH|tiny|smollm2] [--lengths T ...] [--offsets D ...] [--out DIR] ..."
+)
 
 
 @dataclass
@@ -40,7 +42,9 @@ class RopeDiagnoseArguments:
         "help": "prefix lengths T reported (one forward at max(T); D and D_logit per T)"})  # fmt: skip
     offsets: list[int] = field(default_factory=lambda: list(DEFAULT_OFFSETS), metadata={
         "help": "Δ1 values (paper: 0 2 4 6 8 10 12 14 15 17 18 20 22 50 100 200 500 1000 2000)"})  # fmt: skip
-    reference_offset: int = field(default=PAPER_REFERENCE_OFFSET, metadata={"help": "Δ2 (paper: 16); also run as control"})
+    reference_offset: int = field(
+        default=PAPER_REFERENCE_OFFSET, metadata={"help": "Δ2 (paper: 16); also run as control"}
+    )
     settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS), metadata={
         "help": f"precision settings, from {sorted(SETTINGS)}"})  # fmt: skip
     num_sequences: int = field(default=1, metadata={"help": "sequences averaged (paper: 50)"})
@@ -49,8 +53,13 @@ class RopeDiagnoseArguments:
     logit_offset: int = field(default=0, metadata={"help": "Δ1 of Eq. 5 (paper: 0); added to offsets if absent"})
     seed: int = field(default=0, metadata={"help": "seed for the text windows (and random-init settings)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads; 0 keeps torch's default. 1 is the "
-                         "fastest on a busy 2-core machine, where OpenMP barriers stall the probe's many small ops"})
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch intra-op threads; 0 keeps torch's default. 1 is the "
+            "fastest on a busy 2-core machine, where OpenMP barriers stall the probe's many small ops"
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "write PNG plots (--no-plots to skip)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
 
@@ -93,7 +102,9 @@ def run(args: RopeDiagnoseArguments) -> dict:
     t0 = time.perf_counter()
     model, tokenizer, source = _load(args)
     t_load = time.perf_counter() - t0
-    ids = sample_sequences(tokenizer, max(args.lengths), args.num_sequences, seed=args.seed, first_token=args.first_token)
+    ids = sample_sequences(
+        tokenizer, max(args.lengths), args.num_sequences, seed=args.seed, first_token=args.first_token
+    )
     report = compare_settings(
         model, ids, settings=args.settings, offsets=args.offsets, reference_offset=args.reference_offset,
         lengths=args.lengths, row_weight=args.row_weight, logit_offset=args.logit_offset, seed=args.seed,

@@ -210,7 +210,9 @@ def deviation_terms(
     (all terms are non-negative: no cancellation). ``inplace=True`` overwrites ``probs``.
     """
     if probs_ref.shape != probs.shape or probs.dim() < 2 or probs.shape[-1] != probs.shape[-2]:
-        raise ValueError(f"probs must be (..., L, L) and match probs_ref; got {tuple(probs.shape)}, {tuple(probs_ref.shape)}")
+        raise ValueError(
+            f"probs must be (..., L, L) and match probs_ref; got {tuple(probs.shape)}, {tuple(probs_ref.shape)}"
+        )
     m = (probs.sub_(probs_ref) if inplace else probs - probs_ref).abs_()
     m = m.reshape(-1, *m.shape[-2:]).sum(0)
     return m.sum(-1).double(), m[:, 0].double(), (weights.to(m.dtype) @ m).double()
@@ -308,7 +310,9 @@ def _probe_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             "(no probe state was passed); restore the model's attention implementation"
         )
     if getattr(module, "is_causal", True) is False:
-        raise ValueError(f"non-causal attention module {type(module).__name__}: the RoPE drift diagnostic needs a causal LM")
+        raise ValueError(
+            f"non-causal attention module {type(module).__name__}: the RoPE drift diagnostic needs a causal LM"
+        )
     if kwargs.get("s_aux") is not None:
         raise ValueError("attention sinks (s_aux) are not supported by the RoPE drift probe")
     return state.attend(module, query, key, value, scaling, sliding_window, softcap), None
@@ -316,7 +320,6 @@ def _probe_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def _no_mask(*args, **kwargs):
     """Mask function for the probe: no mask is built (the probe applies the causal mask itself)."""
-    return None
 
 
 def register_probe() -> str:
@@ -349,7 +352,9 @@ def check_model(model) -> None:
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"model {type(model).__name__} is an encoder-decoder; the diagnostic needs a causal decoder-only LM")
+        raise ValueError(
+            f"model {type(model).__name__} is an encoder-decoder; the diagnostic needs a causal decoder-only LM"
+        )
     noncausal = [n for n, m in model.named_modules() if getattr(m, "is_causal", None) is False]
     if noncausal:
         raise ValueError(
@@ -357,7 +362,9 @@ def check_model(model) -> None:
             f"{f' and {len(noncausal) - 1} more' if len(noncausal) > 1 else ''}); the diagnostic needs a causal LM"
         )
     if not rotary_modules(model):
-        raise ValueError(f"model {type(model).__name__} has no *RotaryEmbedding module: the diagnostic needs a RoPE model")
+        raise ValueError(
+            f"model {type(model).__name__} has no *RotaryEmbedding module: the diagnostic needs a RoPE model"
+        )
 
 
 def _rotary_buffers(model) -> dict[str, dict[str, torch.Tensor]]:
@@ -431,11 +438,13 @@ def _check_angle_layout(model) -> None:
     """Raise ``ValueError`` unless every rotary module computes ``cat(m·θ, m·θ)`` from ``inv_freq`` (fp32 check)."""
     for name, mod in rotary_modules(model):
         if not isinstance(getattr(mod, "inv_freq", None), torch.Tensor):
-            raise ValueError(f"angles='model_dtype' needs an inv_freq buffer; {name} ({type(mod).__name__}) has none")
+            raise ValueError(  # noqa: TRY004  (the project raises ValueError for every unusable input)
+                f"angles='model_dtype' needs an inv_freq buffer; {name} ({type(mod).__name__}) has none"
+            )
         pos = torch.arange(0, 4096, 97, device=mod.inv_freq.device)[None]
         x = torch.zeros(1, 1, device=mod.inv_freq.device, dtype=torch.float32)
         try:
-            cos, sin = mod(x, pos)
+            cos, _sin = mod(x, pos)
         except TypeError as e:
             raise ValueError(f"angles='model_dtype' cannot call {type(mod).__name__}(x, position_ids): {e}") from e
         mine = _angles_in(mod, pos, torch.float32)
@@ -597,7 +606,8 @@ def _check_input_ids(input_ids) -> torch.Tensor:
 
 
 def check_offsets(offsets: Iterable[int], reference_offset: int) -> list[int]:
-    """Validated ``Δ1`` list with ``reference_offset`` added as the control when absent (order kept)."""
+    """Validated ``Δ1`` list with ``reference_offset`` added as the control when absent (in sorted place
+    when ``offsets`` is ascending, else at the end)."""
     offsets = list(offsets) if offsets is not None else []
     if not offsets:
         raise ValueError(f"offsets must be a non-empty list of Δ1 values, got {offsets!r}")
@@ -606,7 +616,11 @@ def check_offsets(offsets: Iterable[int], reference_offset: int) -> list[int]:
             raise ValueError(f"offsets and reference_offset must be non-negative ints, got {o!r}")
     if len(set(offsets)) != len(offsets):
         raise ValueError(f"offsets must not repeat, got {offsets!r}")
-    return offsets if reference_offset in offsets else [*offsets, reference_offset]
+    if reference_offset in offsets:
+        return offsets
+    if offsets == sorted(offsets):  # keep an ascending list ascending (plots read better)
+        return sorted([*offsets, reference_offset])
+    return [*offsets, reference_offset]
 
 
 def check_length(model, length: int, offsets: Sequence[int]) -> None:
@@ -667,7 +681,10 @@ def probe_shift_deviation(
             for k in ("row", "first", "key", "logit0"):
                 stacked = torch.stack([state.layers[i][k][1:] for i in sorted(state.layers)])  # (layers, n_off, L)
                 total[k] = stacked / N if k not in total else total[k] + stacked / N
-            rotated, score = str(state.rotated_dtype).replace("torch.", ""), str(state.score_dtype).replace("torch.", "")
+            rotated, score = (
+                str(state.rotated_dtype).replace("torch.", ""),
+                str(state.score_dtype).replace("torch.", ""),
+            )
     if work is not model:
         del work
     return ShiftDeviation(
@@ -722,7 +739,13 @@ class RopeDriftReport:
         for dtype in ("float32", "float64"):
             for other, r in self.results.items():
                 o = r.setting
-                if (o.dtype, o.layout, o.init, o.rope, o.qk) == (dtype, s.layout, s.init, "model", "model") and other != name:
+                if (o.dtype, o.layout, o.init, o.rope, o.qk) == (
+                    dtype,
+                    s.layout,
+                    s.init,
+                    "model",
+                    "model",
+                ) and other != name:
                     return other
         return None
 
@@ -783,7 +806,7 @@ class RopeDriftReport:
                 f"{r['control_max_abs']:.0e}",
             ])  # fmt: skip
         widths = [max(len(x[c]) for x in lines) for c in range(len(head))]
-        fmt = lambda x: "  ".join(s.ljust(w) if c == 0 else s.rjust(w) for c, (s, w) in enumerate(zip(x, widths)))  # noqa: E731
+        fmt = lambda x: "  ".join(s.ljust(w) if c == 0 else s.rjust(w) for c, (s, w) in enumerate(zip(x, widths)))
         T = rows[0]["length"] if rows else length
         text = [f"RoPE shift deviation at L={T} (mean over Δ1 != Δ2; D_logit at Δ1={rows[0]['D_logit_offset'] if rows else ''})",
                 fmt(lines[0]), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines[1:]]  # fmt: skip
@@ -834,7 +857,7 @@ def compare_settings(
         raise ValueError(f"settings must be non-empty, got {list(settings)!r}")
     if len({s.name for s in chosen}) != len(chosen):
         raise ValueError(f"settings must have distinct names, got {[s.name for s in chosen]!r}")
-    lengths = [ids.shape[1]] if not lengths else sorted(set(int(t) for t in lengths))
+    lengths = [ids.shape[1]] if not lengths else sorted({int(t) for t in lengths})
     if lengths[0] < 2 or lengths[-1] > ids.shape[1]:
         raise ValueError(f"lengths must lie in [2, {ids.shape[1]}] (the sequence length), got {lengths!r}")
     deltas = check_offsets(offsets, reference_offset)
@@ -844,7 +867,7 @@ def compare_settings(
     bar = tqdm(total=n_layers * len(chosen) * ids.shape[0] if n_layers else None, desc="rope drift",
                unit="layer", disable=not progress)  # fmt: skip
     results: dict[str, ShiftDeviation] = {}
-    group_of = lambda s: (s.dtype, s.init)  # noqa: E731
+    group_of = lambda s: (s.dtype, s.init)
     try:
         for key in dict.fromkeys(group_of(s) for s in chosen):
             work = model_for_setting(model, next(s for s in chosen if group_of(s) == key), seed=seed)
@@ -924,9 +947,9 @@ __all__ = [
     "PAPER_OFFSETS",
     "PAPER_REFERENCE_OFFSET",
     "PROBE_NAME",
+    "SETTINGS",
     "PrecisionSetting",
     "RopeDriftReport",
-    "SETTINGS",
     "ShiftDeviation",
     "attention_difference",
     "base_model",
