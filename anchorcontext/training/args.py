@@ -190,7 +190,9 @@ class AnchorArguments:
     eval_samples: int = field(default=2, metadata={"help": "samples per task and length"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots (matplotlib)"})
     dry_run: bool = field(default=False, metadata={"help": "build the model on the meta device, print, and stop"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU)"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads (CPU); default torch's, or 1 when the CPU is already busy"}
+    )
 
     def __post_init__(self):
         if self.mask not in MASKS:

@@ -358,14 +358,31 @@ def run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, tra
     run and restores it afterwards.
     """
     threads = torch.get_num_threads()
-    if aargs.threads:
-        torch.set_num_threads(aargs.threads)
+    want = aargs.threads or busy_machine_threads()
+    if want:
+        torch.set_num_threads(want)
     try:
         if aargs.dry_run:
             return dry_run(margs, dargs, aargs, training_args)
         return _run(margs, dargs, aargs, training_args, callbacks)
     finally:
         torch.set_num_threads(threads)
+
+
+def busy_machine_threads() -> int | None:
+    """1 when this CPU is already busy (1-minute load average >= CPU count), else None (torch's default).
+
+    Measured on a shared 2-core machine: with other processes running, 2 OpenMP threads wait at barriers and
+    SmolLM2 steps at 2K tokens took 145-215 s; 1 thread took ~60 s (the tiny model: 7.5 s vs 1.1 s).
+    """
+    if not hasattr(os, "getloadavg") or torch.cuda.is_available():
+        return None
+    cpus = os.cpu_count() or 1
+    if cpus > 1 and os.getloadavg()[0] >= cpus:
+        logger.info("anchorcontext: CPU busy (load %.1f on %d cores): using 1 torch thread (set --threads to override)",
+                    os.getloadavg()[0], cpus)
+        return 1
+    return None
 
 
 def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
@@ -596,7 +613,8 @@ def write_plots(s: dict, out: pathlib.Path) -> list[str]:
                 ax.axhline(v, ls=style, color="gray", lw=1, label=f"held-out loss {key.split('_')[1]} ({v:.3f})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"{s['model_name_or_path']}: mask={s['mask']}, seq_len={s['data']['seq_len']}")
+        q4 = " (dequantised Q4_1 weights)" if "Q4_1" in str(s.get("model_source")) else ""
+        ax.set_title(f"{s['model_name_or_path']}{q4}: mask={s['mask']}, seq_len={s['data']['seq_len']}", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "loss.png", dpi=120)
