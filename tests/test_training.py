@@ -334,3 +334,29 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert rc == 1
     assert "absent.jsonl" in capsys.readouterr().err
     assert main(["train", "--help"]) == 0
+
+
+def test_streaming_jsonl_run_and_saved_dataset_dir(tmp_path, tokenizer):
+    import datasets
+
+    from anchorcontext.training import build_datasets, run
+
+    texts = [{"name": f"d{i}", "text": f"class C{i}:\n    value = {i}\n" * (5 + i)} for i in range(40)]
+    f = _write_jsonl(tmp_path / "docs.jsonl", texts)
+    s = run(*_args(tmp_path, "--dataset", str(f), "--streaming", "true", "--max_steps", "2",
+                   "--eval_before_after", "false"))
+    assert s["steps"] == 2 and s["data"]["train_rows"] is None and math.isfinite(s["last_loss"])
+    # a datasets.save_to_disk directory packs to the same rows as the JSONL file it came from
+    datasets.Dataset.from_list(texts).save_to_disk(str(tmp_path / "saved"))
+    kw = {"seq_len": 128, "eval_fraction": 0.1, "max_eval_rows": 2}
+    a = build_datasets(DataArguments(dataset=str(f), **kw), tokenizer)
+    b = build_datasets(DataArguments(dataset=str(tmp_path / "saved"), **kw), tokenizer)
+    assert a.fingerprint == b.fingerprint and len(a.train) == len(b.train) > 0
+    assert a.eval is not None and a.eval["input_ids"] == b.eval["input_ids"]
+
+
+def test_sp_size_without_deepspeed_is_a_clear_error(tmp_path):
+    from anchorcontext.training import run
+
+    with pytest.raises((ValueError, RuntimeError, ImportError), match="sp_size"):
+        run(*_args(tmp_path, "--sp_size", "2", "--max_steps", "1"))
