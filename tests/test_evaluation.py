@@ -248,16 +248,27 @@ def test_heldout_windows_are_contiguous_document_slices(tok):
 
 
 def test_perplexity_by_length(tiny, tok):
-    res = perplexity_by_length(tiny, tok, [64, 128], samples=2, progress=False)
-    for L in ("64", "128"):
-        r = res["by_length"][L]
-        assert r["windows"] == 2 and r["tokens"] == 2 * (int(L) - 1)
+    docs = assets.heldout_split(assets.stdlib_documents())[1]
+    # Nested (default): every length scores prefixes of the same longest windows.
+    res = perplexity_by_length(tiny, tok, [128, 64], samples=2, docs=docs, progress=False)
+    assert res["nested"] is True
+    wins, names = heldout_windows(tok, 128, 2, docs=docs)
+    ref = token_nll(tiny, torch.tensor(wins)).double()
+    for L in (64, 128):
+        r = res["by_length"][str(L)]
+        assert r["windows"] == 2 and r["tokens"] == 2 * (L - 1) and r["documents"] == sorted(set(names))
+        assert r["nll"] == pytest.approx(ref[:, : L - 1].mean().item(), rel=1e-6)
         assert r["ppl"] == pytest.approx(torch.tensor(r["nll"]).exp().item())
         bins = r["by_position"]
-        assert bins[0]["start"] == 1 and bins[-1]["end"] == int(L)
+        assert bins[0]["start"] == 1 and bins[-1]["end"] == L
         # The bins partition positions 1..L-1: their token-weighted mean is the overall mean.
-        weighted = sum(b["nll"] * (b["end"] - b["start"]) for b in bins) / (int(L) - 1)
+        weighted = sum(b["nll"] * (b["end"] - b["start"]) for b in bins) / (L - 1)
         assert weighted == pytest.approx(r["nll"], rel=1e-9)
+    # Independent windows per length, and a length no document reaches.
+    ind = perplexity_by_length(tiny, tok, [64, 10**7], samples=2, docs=docs, nested=False, progress=False)
+    assert ind["nested"] is False and ind["by_length"][str(10**7)]["windows"] == 0
+    w64, _ = heldout_windows(tok, 64, 2, docs=docs)
+    assert ind["by_length"]["64"]["nll"] == pytest.approx(token_nll(tiny, torch.tensor(w64)).double().mean().item())
     # A random model is near-uniform over the vocabulary.
     assert abs(res["by_length"]["128"]["nll"] - torch.log(torch.tensor(float(len(tok)))).item()) < 0.5
 

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="prepend BOS: as the tokenizer does, always (anchor fine-tunes), never")  # fmt: skip
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity by length")
     p.add_argument("--ppl-samples", type=int, default=None, help="held-out windows per length (default: --samples)")
+    p.add_argument("--ppl-independent", action="store_true",
+                   help="perplexity: independent windows per length instead of prefixes of the longest windows")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(
                 model, tok, tasks=tasks, lengths=lengths, samples=args.samples, seed=args.seed, name=name,
                 batch_size=args.batch_size, depths=depths, bos=args.bos, max_new_tokens=args.max_new_tokens,
-                perplexity=not args.no_perplexity, ppl_samples=args.ppl_samples, progress=not args.no_progress,
+                perplexity=not args.no_perplexity, ppl_samples=args.ppl_samples, ppl_nested=not args.ppl_independent,
+                progress=not args.no_progress,
                 save_prompts=args.save_prompts,
             )  # fmt: skip
         except ValueError as exc:

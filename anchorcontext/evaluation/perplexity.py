@@ -1,10 +1,12 @@
 """Perplexity by context length and by token position on held-out documents of the shipped corpus.
 
-Windows: for each length ``L``, up to ``samples`` windows of exactly ``L`` tokens (``[bos?] + document
-tokens``), cut from held-out documents (:func:`anchorcontext.assets.heldout_split` of the stdlib corpus,
+Windows: up to ``samples`` windows of exactly ``L`` tokens (``[bos?] + document tokens``), cut from held-out
+documents (:func:`anchorcontext.assets.heldout_split` of the stdlib corpus,
 5 %, seed 0) that hold at least ``L`` tokens: consecutive non-overlapping windows of one document, documents
 taken round-robin in a seeded order. No window ever crosses a document boundary, so the loss at position
-``p`` measures how well ``p`` tokens of the *same* document are used.
+``p`` measures how well ``p`` tokens of the *same* document are used. By default (``nested=True``) the
+windows of every length are prefixes of the same ``max(lengths)``-token windows, so perplexity vs length
+compares the same text with more or less context.
 
 Outputs per length: mean next-token NLL (nats) and perplexity over all predicted tokens of all windows,
 and the mean NLL in log2-spaced position bins ``[1, 2), [2, 4), ..., [2^k, L)`` (position = index of the
@@ -21,6 +23,7 @@ import math
 import random
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -138,9 +141,17 @@ def perplexity_by_length(
     seed: int = 0,
     bos: str = "auto",
     batch_size: int = 1,
+    nested: bool = True,
     progress: bool = True,
 ) -> dict:
-    """``{"by_length": {str(L): {...}}, "docs": "..."}``; see the module docstring for the definitions.
+    """``{"by_length": {str(L): {...}}, "docs": "...", "nested": bool}``; definitions in the module docstring.
+
+    ``nested=True`` (default): every length uses the *same* windows, the ``L``-token prefixes of the
+    ``max(lengths)``-token windows, so lengths differ only in how much context the model has (one forward pass
+    per window; a causal model's NLL of a prefix is the prefix of its NLL). Falls back to per-length windows
+    (``nested: False`` in the result) when no held-out document is long enough for ``max(lengths)``.
+    ``nested=False``: independent windows per length (more documents qualify for short lengths, but
+    lengths then also differ in which documents they see).
 
     Each ``by_length[str(L)]`` holds ``windows``, ``tokens`` (predicted tokens), ``nll``, ``ppl``,
     ``documents`` (names) and ``by_position``: ``[{"start", "end", "nll", "ppl"}, ...]``. A length for which
@@ -150,36 +161,45 @@ def perplexity_by_length(
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    lengths = sorted({int(L) for L in lengths})
+    if not lengths or lengths[0] < 2:
+        raise ValueError(f"lengths must be ints >= 2, got {lengths!r}")
     was_training = model.training
     model.eval()
-    result: dict[str, Any] = {"by_length": {}, "docs": "heldout 5% of stdlib corpus" if docs is None else "given"}
+    source = "heldout 5% of stdlib corpus" if docs is None else "given"
+    result: dict[str, Any] = {"by_length": {}, "docs": source, "nested": False}
+
+    def _nll(windows: list[list[int]], bar) -> np.ndarray:
+        rows = []
+        for s in range(0, len(windows), batch_size):
+            rows.append(token_nll(model, torch.tensor(windows[s : s + batch_size], dtype=torch.long)))
+            bar.update(len(windows[s : s + batch_size]))
+        return torch.cat(rows).double().numpy()  # (windows, L-1); column p-1 predicts token p
+
+    def _entry(nll: np.ndarray, owners: list[str], L: int) -> dict:
+        mean = float(nll.mean())
+        by_pos = []
+        for lo, hi in _position_bins(L):
+            v = float(nll[:, lo - 1 : hi - 1].mean())
+            by_pos.append({"start": lo, "end": hi, "nll": v, "ppl": math.exp(v)})
+        return {"windows": int(nll.shape[0]), "tokens": int(nll.size), "nll": mean, "ppl": math.exp(mean),
+                "documents": sorted(set(owners)), "by_position": by_pos}  # fmt: skip
+
+    empty = {"windows": 0, "tokens": 0, "nll": None, "ppl": None, "documents": [], "by_position": []}
     try:
+        longest = heldout_windows(tokenizer, lengths[-1], samples, docs=docs, seed=seed, bos=bos)
+        if nested and longest[0]:
+            bar = tqdm(total=len(longest[0]), desc="perplexity", unit="window", disable=not progress)
+            full = _nll(longest[0], bar)
+            bar.close()
+            result["nested"] = True
+            for L in lengths:
+                result["by_length"][str(L)] = _entry(full[:, : L - 1], longest[1], L)
+            return result
         plan = [(L, *heldout_windows(tokenizer, L, samples, docs=docs, seed=seed, bos=bos)) for L in lengths]
-        total = sum(len(w) for _, w, _ in plan)
-        bar = tqdm(total=total, desc="perplexity", unit="window", disable=not progress)
+        bar = tqdm(total=sum(len(w) for _, w, _ in plan), desc="perplexity", unit="window", disable=not progress)
         for L, windows, owners in plan:
-            if not windows:
-                result["by_length"][str(L)] = {"windows": 0, "tokens": 0, "nll": None, "ppl": None,
-                                               "documents": [], "by_position": []}  # fmt: skip
-                continue
-            rows = []
-            for s in range(0, len(windows), batch_size):
-                rows.append(token_nll(model, torch.tensor(windows[s : s + batch_size], dtype=torch.long)))
-                bar.update(len(windows[s : s + batch_size]))
-            nll = torch.cat(rows).double().numpy()  # (windows, L-1); column p-1 predicts token p
-            mean = float(nll.mean())
-            by_pos = []
-            for lo, hi in _position_bins(L):
-                v = float(nll[:, lo - 1 : hi - 1].mean())
-                by_pos.append({"start": lo, "end": hi, "nll": v, "ppl": math.exp(v)})
-            result["by_length"][str(L)] = {
-                "windows": len(windows),
-                "tokens": int(nll.size),
-                "nll": mean,
-                "ppl": math.exp(mean),
-                "documents": sorted(set(owners)),
-                "by_position": by_pos,
-            }
+            result["by_length"][str(L)] = _entry(_nll(windows, bar), owners, L) if windows else dict(empty)
         bar.close()
     finally:
         model.train(was_training)

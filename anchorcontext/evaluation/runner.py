@@ -86,6 +86,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     perplexity: bool = True,
     ppl_samples: int | None = None,
+    ppl_nested: bool = True,
     progress: bool = True,
     save_prompts: bool = False,
 ) -> dict:
@@ -94,7 +95,7 @@ def evaluate(
     ``model``: a Hugging Face causal LM (run with its own, unpatched attention, greedy, batched) or a
     :data:`GenerateFn` callable (perplexity is then skipped). ``tasks``: names, a comma list or a group
     (``"all"``, ``"niah"``). ``lengths``: exact prompt lengths in tokens (``"512,1k,2k"``). ``samples``: prompts
-    per task × length. ``max_new_tokens`` caps each task's RULER budget (128 NIAH, 30 vt, 120 cwe, 50 fwe).
+    per task × length. ``ppl_samples``/``ppl_nested``: see :func:`perplexity_by_length`. ``max_new_tokens`` caps each task's RULER budget (128 NIAH, 30 vt, 120 cwe, 50 fwe).
 
     Returns ``{"name", "tasks", "lengths", "samples", "seed", "scores", "average", "niah_depth", "records",
     "perplexity", "timing", "model_info"}``; scores are percent (RULER). ``records`` holds every sample's
@@ -180,7 +181,7 @@ def evaluate(
         t2 = time.perf_counter()
         ppl = perplexity_by_length(
             model, tokenizer, lens, samples=ppl_samples or samples, seed=seed, bos=bos, batch_size=batch_size,
-            progress=progress,
+            nested=ppl_nested, progress=progress,
         )  # fmt: skip
         t_ppl = time.perf_counter() - t2
 
