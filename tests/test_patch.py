@@ -330,3 +330,25 @@ def test_peft_prompt_learning_refused_and_lora_works():
             ref = lora(input_ids=ids, position_ids=batch["position_ids"][r, alone][None],
                        attention_mask=torch.ones_like(ids)).logits[0, 1:]
             assert (packed[r, idx] - ref).abs().max() < 1e-5
+
+
+def test_autocast_mixed_qkv_dtypes():
+    """Under autocast RoPE returns fp32 q/k beside a bf16 v; the anchor path must run in the autocast dtype."""
+    model = make_model("llama")
+    ac.patch_model(model, backend="sdpa")
+    batch = packed_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+        ref = ac.unpatch_model(model)(input_ids=batch["input_ids"][:1, :6], position_ids=batch["position_ids"][:1, :6],
+                                      attention_mask=torch.ones(1, 6, dtype=torch.long)).logits
+    assert torch.isfinite(out.loss)
+    # the first document (indices 1..5) with the anchor equals the stock model on [anchor] + document
+    torch.testing.assert_close(out.logits[0, :6].float(), ref[0].float(), atol=0.1, rtol=0.05)
+
+
+def test_auto_skips_flex_for_small_head_dim():
+    from anchorcontext.attention import resolve_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, dtype=torch.float32, head_dim=8) == "sdpa"
+    assert resolve_backend("auto", cuda, dtype=torch.float32, head_dim=64) == "flex"

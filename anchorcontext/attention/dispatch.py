@@ -34,7 +34,7 @@ def _log_once(msg: str) -> None:
         logger.info(msg)
 
 
-def _flex_reason(device: torch.device, needs_grad: bool, dropout: float) -> str | None:
+def _flex_reason(device: torch.device, needs_grad: bool, dropout: float, head_dim: int | None = None) -> str | None:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except Exception as e:
@@ -45,11 +45,14 @@ def _flex_reason(device: torch.device, needs_grad: bool, dropout: float) -> str 
         return "flex is off on CPU (compiled CPU FlexAttention is slower than sdpa and has no backward)"
     if device.type != "cuda":
         return f"flex is untested on {device.type}"
+    if head_dim is not None and head_dim < 16:
+        return f"flex needs head_dim >= 16 (Inductor's kernel), got {head_dim}"
     return None
 
 
 def resolve_backend(
-    backend: str, device: torch.device, *, softcap=None, dropout=0.0, needs_grad=True, sliding_window=None, dtype=None
+    backend: str, device: torch.device, *, softcap=None, dropout=0.0, needs_grad=True, sliding_window=None, dtype=None,
+    head_dim=None,
 ) -> str:
     """The concrete backend name ``backend`` means on ``device`` for these options."""
     if backend in BACKENDS:
@@ -60,7 +63,7 @@ def resolve_backend(
     if why is None:
         return "varlen"
     _log_once(f"anchorcontext: varlen backend off: {why}")
-    why = _flex_reason(device, needs_grad, dropout)
+    why = _flex_reason(device, needs_grad, dropout, head_dim)
     if why is None:
         return "flex"
     _log_once(f"anchorcontext: {why}")
@@ -107,7 +110,7 @@ def anchor_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     name = resolve_backend(
         backend, query.device, softcap=softcap, dropout=dropout, needs_grad=needs_grad,
-        sliding_window=sliding_window, dtype=query.dtype,
+        sliding_window=sliding_window, dtype=query.dtype, head_dim=query.shape[-1],
     )
     return BACKENDS[name](
         query, key, value, layout, scaling=scaling, softcap=softcap, sliding_window=sliding_window, dropout=dropout

@@ -92,6 +92,10 @@ def _make_attention_fn(fallback):
                 f"anchor_layout has length {layout.seq_len} but the attention got {query.shape[2]} query tokens "
                 "(anchor forwards cannot use a KV cache or generate())"
             )
+        # Under autocast, RoPE may hand back fp32 q/k beside a bf16 v; SDPA would autocast, our kernels do not
+        dev = query.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else value.dtype
+        query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
         out = anchor_attention(
             query, key, value, layout.to(query.device), backend=kwargs.get("anchor_backend", "auto"),
             scaling=scaling, softcap=softcap, sliding_window=sliding_window, dropout=dropout,
