@@ -786,7 +786,7 @@ def write_outputs(result: dict, cfg: BenchConfig) -> None:
 def parse_args(argv: list[str]) -> BenchConfig:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(BenchConfig, description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(BenchConfig, prog="anchorcontext bench", description=__doc__.split("\n\n")[0])
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     return cfg
 
