@@ -618,6 +618,8 @@ def run(cfg: BenchConfig, log=_print) -> dict:
             r["fraction_of_limit_vs_stock"] = r["speedup_vs_stock"] / limit if r["speedup_vs_stock"] else None
             r["fraction_of_matmul_rate"] = (r["achieved_tflops"] / rate["tflops"]) if (rate and r["achieved_tflops"]) else None
             result["results"].append(r)
+        add_paired_speedups(result["results"])
+        for r in recs.values():
             log(_row(r))
         if "flex" in backends and cfg.flex_check:
             result["flex"].append(_flex_check(cfg, recs, L, rng, stream, device, recompiles, log))
@@ -628,6 +630,26 @@ def run(cfg: BenchConfig, log=_print) -> dict:
         if cfg.out:
             write_outputs(result, cfg)
     return result
+
+
+def paired_speedup(base_times: list[float], times: list[float]) -> float | None:
+    """Median over repeats of ``base[i] / times[i]``: step ``i`` of both ran in the same interleaved round, so
+    load that changes between rounds cancels (more robust than a ratio of medians on a shared machine)."""
+    pairs = [b / t for b, t in zip(base_times, times) if b and t]
+    return statistics.median(pairs) if pairs else None
+
+
+def add_paired_speedups(results: list[dict]) -> None:
+    """Add ``speedup_vs_{full,stock}_paired`` and ``fraction_of_limit_vs_full_paired`` to result records
+    (also usable on a JSON written before these fields existed)."""
+    by = {(r["L"], r["backend"], r["mode"]): r for r in results}
+    for r in results:
+        full = by.get((r["L"], r["backend"], "full"))
+        stock = by.get((r["L"], "stock", "full"))
+        r["speedup_vs_full_paired"] = paired_speedup(full["times_s"], r["times_s"]) if full else None
+        r["speedup_vs_stock_paired"] = paired_speedup(stock["times_s"], r["times_s"]) if stock else None
+        sp = r["speedup_vs_full_paired"]
+        r["fraction_of_limit_vs_full_paired"] = sp / r["step_flop_ratio"] if sp and r.get("step_flop_ratio") else None
 
 
 def _cleanup(device):
@@ -713,18 +735,19 @@ def format_table(result: dict) -> str:
 def markdown_table(result: dict) -> str:
     """The results as a Markdown table (for docs/performance.md)."""
     mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
-    lines = [("| L | backend / mode | step s | tokens/s | x stock | x full | whole-step limit | of limit | attn limit "
-              "| peak MiB | +MiB in step |"),
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| L | backend / mode | step s | tokens/s | x stock | x full | x full, paired | whole-step limit "
+              "| of limit (paired) | attn limit | peak MiB | +MiB in step |"),
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         if not r.get("step_s"):
-            lines.append(f"| {r['L']} | {r['backend']} / {r['mode']} | error: {r.get('error')} |||||||||")
+            lines.append(f"| {r['L']} | {r['backend']} / {r['mode']} | error: {r.get('error')} ||||||||||")
             continue
         lines.append(
             f"| {r['L']} | {r['backend']} / {r['mode']} | {r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-            f"{_fmt(r['speedup_vs_stock'], '.2f')} | {_fmt(r['speedup_vs_full'], '.2f')} | {r['step_flop_ratio']:.2f} | "
-            f"{_fmt(r['fraction_of_limit_vs_full'], '.0%')} | {r['attn_flop_ratio']:.2f} | {mib(r['peak_mem_bytes'])} | "
-            f"{mib(r['peak_mem_increase_bytes'])} |")
+            f"{_fmt(r['speedup_vs_stock'], '.2f')} | {_fmt(r['speedup_vs_full'], '.2f')} | "
+            f"{_fmt(r.get('speedup_vs_full_paired'), '.2f')} | {r['step_flop_ratio']:.2f} | "
+            f"{_fmt(r['fraction_of_limit_vs_full'], '.0%')} ({_fmt(r.get('fraction_of_limit_vs_full_paired'), '.0%')}) | "
+            f"{r['attn_flop_ratio']:.2f} | {mib(r['peak_mem_bytes'])} | {mib(r['peak_mem_increase_bytes'])} |")
     return "\n".join(lines)
 
 

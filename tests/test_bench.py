@@ -92,11 +92,20 @@ def test_tiny_run_end_to_end(tmp_path):
     a, i = by[("sdpa", "anchor")], by[("sdpa", "intra_doc")]
     assert 1.0 < a["attn_flop_ratio"] < i["attn_flop_ratio"] and 1.0 < a["step_flop_ratio"] < i["step_flop_ratio"]
     assert a["fraction_of_limit_vs_full"] == pytest.approx(a["speedup_vs_full"] / a["step_flop_ratio"])
+    full_t = by[("sdpa", "full")]["times_s"]
+    assert a["speedup_vs_full_paired"] == pytest.approx(float(np.median([f / t for f, t in zip(full_t, a["times_s"])])))
     if res["memory_method"] and "VmHWM" in res["memory_method"]:
         assert all(r["peak_mem_bytes"] > 0 for r in by.values())
     assert "stock" in bench.format_table(res) and "anchor" in bench.format_table(res)
     md = bench.markdown_table(res).splitlines()
     assert len(md) == 2 + 4 and md[2].startswith("| 96 | stock / full |")
+
+
+def test_paired_speedup_cancels_load_that_changes_between_rounds():
+    # round 2 ran 3x slower for everyone: the ratio of medians is off, the paired ratio is exact
+    assert bench.paired_speedup([10.0, 30.0, 30.0], [5.0, 15.0, 15.0]) == 2.0
+    assert bench.paired_speedup([10.0, 10.0, 30.0], [5.0, 15.0, 15.0]) == 2.0
+    assert bench.paired_speedup([], []) is None
 
 
 def test_flex_check_reports_build_time_and_fractions():
