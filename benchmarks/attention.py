@@ -1,0 +1,363 @@
+"""Attention kernel benchmark: AnchorAttention backends vs full causal SDPA on the same packed row.
+
+For each sequence length L, one packed row is built: the anchor at index 0, then documents whose lengths
+are drawn from a seeded lognormal (mean ``--mean-doc`` tokens, ``--sigma``), the last one truncated to fill
+the row (no padding). Every available backend runs in anchor mode beside full causal SDPA
+(``is_causal=True`` over the whole row, the thing anchor attention replaces), interleaved repeat by repeat
+so that load from other processes hits both alike. Warm-up runs are excluded; the figure is the median
+over ``--repeats``.
+
+Reported per (L, backend, pass):
+
+* ``full_ms`` / ``anchor_ms``: median wall time of forward+backward (``fwd_bwd``) or forward alone
+  (``fwd``, for backends without a backward on the device, e.g. FlexAttention on CPU).
+* ``speedup = full_ms / anchor_ms`` and the FLOP-ratio limit ``full-causal FLOPs / anchor FLOPs``
+  (both counted exactly, causal halves included, :meth:`AnchorLayout.attention_flops`); ``fraction =
+  speedup / limit`` is the share of the ideal speedup achieved.
+* peak memory of one pass, as an increase over the state just before it. CUDA:
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (allocator bytes). CPU: the
+  process's peak resident set (``VmHWM``) after resetting it through ``/proc/self/clear_refs`` and
+  releasing cached heap with ``malloc_trim``, minus the resident set before the pass (OS-level bytes,
+  includes the ``.grad`` buffers of q/k/v and allocator slack; Linux only, else ``null``).
+
+Usage::
+
+    python benchmarks/attention.py --lengths 4096,8192,16384 --threads 1 --repeats 5 \\
+        --out benchmarks/results/attention_cpu.json
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --out benchmarks/results/attention_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anchorcontext.attention import flex_attention_backend, sdpa_attention, varlen_attention  # noqa: E402
+from anchorcontext.attention import varlen as _varlen  # noqa: E402
+from anchorcontext.attention.flex import block_mask_for  # noqa: E402
+from anchorcontext.layout import AnchorLayout  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def lognormal_doc_ids(length: int, mean: float, sigma: float, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+    """A ``(1, length)`` doc-id row: anchor (0) then documents 1..n with lognormal lengths (mean ``mean``).
+
+    ``mu`` is chosen so that ``E[len] = exp(mu + sigma^2/2) = mean``; lengths are rounded up to >= 1 and
+    the last document is truncated to end the row exactly.
+    """
+    mu = math.log(mean) - sigma**2 / 2
+    lens: list[int] = []
+    left = length - 1
+    while left > 0:
+        n = float(torch.empty(()).log_normal_(mu, sigma, generator=generator))
+        n = min(max(1, int(round(n))), left)
+        lens.append(n)
+        left -= n
+    ids = torch.cat([torch.zeros(1, dtype=torch.int64)] + [torch.full((n,), i + 1, dtype=torch.int64) for i, n in enumerate(lens)])
+    return ids[None], lens
+
+
+# -------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory increase of one call: CUDA allocator peak, or Linux peak RSS (VmHWM) on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.libc = None
+        self.rss_ok = False
+        if device.type == "cpu" and sys.platform.startswith("linux"):
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self._reset_hwm()
+                self.rss_ok = True
+            except OSError:
+                self.rss_ok = False
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise OSError(f"{field} not in /proc/self/status")
+
+    def _reset_hwm(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated - memory_allocated before the pass (allocator bytes)"
+        if self.rss_ok:
+            return "Linux peak RSS (VmHWM, reset via /proc/self/clear_refs after malloc_trim) - RSS before the pass"
+        return "unavailable on this platform"
+
+    def measure(self, fn) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+        if not self.rss_ok:
+            return None
+        self.libc.malloc_trim(0)
+        self._reset_hwm()
+        before = self._status_kib("VmRSS")
+        fn()
+        return (self._status_kib("VmHWM") - before) * 1024
+
+
+# -------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_pass(attn, q, k, v, grad_out, backward: bool):
+    """A closure running one pass of ``attn(q, k, v) -> (B, L, H, D)`` (+ backward with ``grad_out``)."""
+
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        if backward:
+            attn(q, k, v).backward(grad_out)
+        else:
+            with torch.no_grad():
+                attn(q, k, v)
+
+    return run
+
+
+def time_pair(full, anchor, *, repeats: int, warmup: int, device) -> dict[str, list[float]]:
+    """Interleaved timings (seconds) of two closures, warm-up excluded: wall clock and process CPU time.
+
+    The CPU time (all threads of this process) is less sensitive than wall time to other processes on a
+    shared machine; with one thread and an idle machine the two agree.
+    """
+    for _ in range(warmup):
+        full()
+        anchor()
+    _sync(device)
+    out = {"full_wall": [], "anchor_wall": [], "full_cpu": [], "anchor_cpu": []}
+    for _ in range(repeats):
+        for fn, name in ((full, "full"), (anchor, "anchor")):
+            _sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            _sync(device)
+            out[name + "_wall"].append(time.perf_counter() - t0)
+            out[name + "_cpu"].append(time.process_time() - c0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ backends
+def available_backends(device: torch.device, wanted: list[str] | None) -> list[tuple[str, bool, str]]:
+    """``(name, with_backward, note)`` for each backend that can run here."""
+    out = [("sdpa", True, "")]
+    if device.type == "cuda":
+        out.append(("flex", True, ""))
+        why = _varlen.unavailable_reason(device)
+        if why is None:
+            fn, src = _varlen.flash_attn_func()
+            out.append(("varlen", True, src if fn is not None else "torch varlen_attn"))
+        else:
+            print(f"# varlen skipped: {why}", file=sys.stderr)
+    else:
+        out.append(("flex", False, "forward only on CPU (no FlexAttention backward)"))
+    if wanted:
+        out = [b for b in out if b[0] in wanted]
+    return out
+
+
+BACKEND_FNS = {"sdpa": sdpa_attention, "flex": flex_attention_backend, "varlen": varlen_attention}
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4096,8192,16384", help="comma-separated sequence lengths L")
+    p.add_argument("--batch", type=int, default=1, help="rows per batch (each with its own document layout)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = --heads")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--mean-doc", type=float, default=1024.0, help="mean document length (lognormal)")
+    p.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of document lengths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
+    p.add_argument("--backends", default=None, help="comma-separated subset of sdpa,flex,varlen (default: all available)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    for name in ("batch", "heads", "kv_heads", "head_dim", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    try:
+        args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if not args.lengths or min(args.lengths) < 2:
+        raise ValueError(f"--lengths must be integers >= 2, got {args.lengths}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
+    wanted = args.backends.split(",") if args.backends else None
+    backends = available_backends(device, wanted)
+    mem = PeakMemory(device)
+    H, Hkv, D, B = args.heads, args.kv_heads, args.head_dim, args.batch
+    gqa = Hkv != H
+    info = machine_info(device)
+    print(f"# torch {torch.__version__} | device {device} {info.get('cuda_device', info['cpu_model'])} | "
+          f"threads {torch.get_num_threads()} | dtype {args.dtype} | B={B} H={H} Hkv={Hkv} D={D} | "
+          f"load avg {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    load_before = os.getloadavg()
+    for L in args.lengths:
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + L)  # each length's rows independent of the others
+        rows = [lognormal_doc_ids(L, args.mean_doc, args.sigma, gen) for _ in range(B)]
+        doc_ids = torch.cat([r[0] for r in rows]).to(device)
+        doc_lens = [r[1] for r in rows]
+        layout = AnchorLayout.from_doc_ids(doc_ids, "anchor")
+        full_layout = AnchorLayout.from_doc_ids(doc_ids, "full")
+        flops_full = full_layout.attention_flops(D, H)
+        flops_anchor = layout.attention_flops(D, H)
+        limit = flops_full / flops_anchor
+        tg = torch.Generator(device=device).manual_seed(args.seed + L)
+        q = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
+        k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
+        v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
+        g = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=tg)
+
+        def full_attn(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+
+        for name, with_bwd, note in backends:
+            fn = BACKEND_FNS[name]
+            extra = {}
+            if name == "flex":
+                t0 = time.perf_counter()
+                block_mask_for(layout, None, device)
+                _sync(device)
+                extra["block_mask_build_s"] = time.perf_counter() - t0
+
+            def anchor_attn(q, k, v, fn=fn):
+                return fn(q, k, v, layout)
+
+            full_pass = make_pass(full_attn, q, k, v, g, with_bwd)
+            anchor_pass = make_pass(anchor_attn, q, k, v, g, with_bwd)
+            if name == "flex":  # first call compiles; report it, keep it out of the timings
+                t0 = time.perf_counter()
+                anchor_pass()
+                _sync(device)
+                extra["first_call_s"] = time.perf_counter() - t0
+            ts = time_pair(full_pass, anchor_pass, repeats=args.repeats, warmup=args.warmup, device=device)
+            tf, ta = ts["full_wall"], ts["anchor_wall"]
+            cpu_f, cpu_a = (1e3 * statistics.median(ts[n]) for n in ("full_cpu", "anchor_cpu"))
+            mf = ma = None
+            if not args.no_memory:
+                mf, ma = mem.measure(full_pass), mem.measure(anchor_pass)
+            full_ms, anchor_ms = 1e3 * statistics.median(tf), 1e3 * statistics.median(ta)
+            speedup = full_ms / anchor_ms
+            rec = {
+                "L": L, "backend": name, "pass": "fwd_bwd" if with_bwd else "fwd", "note": note,
+                "num_docs": [len(x) for x in doc_lens], "max_doc": max(max(x) for x in doc_lens),
+                "full_ms": full_ms, "anchor_ms": anchor_ms, "speedup": speedup,
+                "flops_full": flops_full, "flops_anchor": flops_anchor, "flop_limit": limit,
+                "fraction_of_limit": speedup / limit,
+                "full_cpu_ms": cpu_f, "anchor_cpu_ms": cpu_a, "speedup_cpu": cpu_f / cpu_a,
+                "fraction_of_limit_cpu": cpu_f / cpu_a / limit,
+                "full_times_ms": [1e3 * t for t in tf], "anchor_times_ms": [1e3 * t for t in ta],
+                "peak_mem_full_bytes": mf, "peak_mem_anchor_bytes": ma, **extra,
+            }
+            results.append(rec)
+            mem_s = "" if mf is None else f" | mem full {mf / 2**20:7.1f} MiB anchor {ma / 2**20:7.1f} MiB"
+            print(f"L={L:6d} {name:6s} {rec['pass']:7s} docs={sum(rec['num_docs']):3d} full {full_ms:9.1f} ms "
+                  f"anchor {anchor_ms:8.1f} ms speedup {speedup:5.2f} limit {limit:5.2f} "
+                  f"fraction {speedup / limit:5.1%} (cpu-time fraction {cpu_f / cpu_a / limit:5.1%}){mem_s}", flush=True)
+        del q, k, v, g
+
+    print()
+    hdr = (f"{'L':>6} {'backend':7} {'pass':7} {'full ms':>9} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'fraction':>8}"
+           f" {'cpu-time fraction':>17}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        print(f"{r['L']:6d} {r['backend']:7} {r['pass']:7} {r['full_ms']:9.1f} {r['anchor_ms']:9.1f} "
+              f"{r['speedup']:7.2f} {r['flop_limit']:6.2f} {r['fraction_of_limit']:8.1%} {r['fraction_of_limit_cpu']:17.1%}")
+    if args.out:
+        out = {
+            "benchmark": "anchor attention vs full causal SDPA",
+            "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": info,
+            "config": {
+                "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": B,
+                "heads": H, "kv_heads": Hkv, "head_dim": D, "doc_lengths": f"lognormal(mean={args.mean_doc}, sigma={args.sigma})",
+                "seed": args.seed, "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+                "full_baseline": "F.scaled_dot_product_attention(is_causal=True) over the whole row",
+            },
+            "memory_method": mem.method,
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
+            "results": results,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\n# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
