@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anchorcontext.attention import flex_attention_backend, sdpa_attention, varlen_attention  # noqa: E402
-from anchorcontext.attention import varlen as _varlen  # noqa: E402
-from anchorcontext.attention.flex import block_mask_for  # noqa: E402
-from anchorcontext.layout import AnchorLayout  # noqa: E402
+from anchorcontext.attention import flex_attention_backend, sdpa_attention, varlen_attention
+from anchorcontext.attention import varlen as _varlen
+from anchorcontext.attention.flex import block_mask_for
+from anchorcontext.layout import AnchorLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +66,7 @@ def lognormal_doc_ids(length: int, mean: float, sigma: float, generator: torch.G
     left = length - 1
     while left > 0:
         n = float(torch.empty(()).log_normal_(mu, sigma, generator=generator))
-        n = min(max(1, int(round(n))), left)
+        n = min(max(1, round(n)), left)
         lens.append(n)
         left -= n
     ids = torch.cat([torch.zeros(1, dtype=torch.int64)] + [torch.full((n,), i + 1, dtype=torch.int64) for i, n in enumerate(lens)])
@@ -140,9 +140,9 @@ def make_pass(attn, q, k, v, grad_out, backward: bool):
             t.grad = None
         if backward:
             attn(q, k, v).backward(grad_out)
-        else:
+        else:  # detached: FlexAttention refuses CPU inputs that require grad even under no_grad
             with torch.no_grad():
-                attn(q, k, v)
+                attn(q.detach(), k.detach(), v.detach())
 
     return run
 
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
                 _sync(device)
                 extra["block_mask_build_s"] = time.perf_counter() - t0
 
-            def anchor_attn(q, k, v, fn=fn):
+            def anchor_attn(q, k, v, fn=fn, layout=layout):
                 return fn(q, k, v, layout)
 
             full_pass = make_pass(full_attn, q, k, v, g, with_bwd)

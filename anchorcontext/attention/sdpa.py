@@ -87,75 +87,81 @@ class _AnchorFlashCPU(torch.autograd.Function):
     """Square causal CPU flash attention per segment on gathered ``[anchor] + document`` rows.
 
     forward(q (B,H,L,D), k/v (B,Hkv,L,D), rows, index, scale) -> out (B,L,H,D).
-    Saved per row: the gathered q/k/v ``(H, L + a, D)`` and each segment's kernel output and logsumexp
-    (O(L) in total, the same as autograd through per-segment SDPA calls).
+    Saved: q, k, v, the output and each segment's logsumexp ``(1, H, n + a)``; the gathered rows are
+    rebuilt in backward (one ``index_select`` each) instead of being kept alive between passes. The
+    dropped anchor row of every document's kernel output equals the anchor's own output ``out[b, 0]``
+    (a query that sees one key returns that key's value), so gathering ``out`` restores it exactly.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, rows, index, scale):
         B, H, L, D = q.shape
         out = q.new_empty(B, L, H, D)
-        saved = []
+        lses = []
         for b in range(B):
-            if index[b] is None:
-                qg, kg, vg = q[b], k[b], v[b]
-            else:
-                qg, kg, vg = (t[b].index_select(1, index[b]) for t in (q, k, v))
-            saved += [qg, kg, vg]
+            qg, kg, vg = _gather_row(b, index, q, k, v)
             for s, n, a, ks in rows[b]:
                 sl = slice(ks, ks + n + a)
                 o, lse = _flash_fwd(qg[None, :, sl], kg[None, :, sl], vg[None, :, sl], 0.0, True, scale=scale)
                 out[b, s:s + n] = o[0, :, a:].transpose(0, 1)  # drop the anchor's own row
-                saved += [o, lse]
-        ctx.save_for_backward(*saved)
-        ctx.rows, ctx.scale, ctx.kv_heads = rows, scale, k.shape[1]
+                lses.append(lse)
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.rows, ctx.index, ctx.scale = rows, index, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        saved = ctx.saved_tensors
-        rows, scale, Hkv = ctx.rows, ctx.scale, ctx.kv_heads
-        B, L, H, D = dout.shape
-        dtype = saved[0].dtype
+        q, k, v, out, *lses = ctx.saved_tensors
+        rows, index, scale = ctx.rows, ctx.index, ctx.scale
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        dtype = q.dtype
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        dq = dout.new_empty(B, L, H, D, dtype=dtype)
-        dk = dout.new_empty(B, L, Hkv, D, dtype=dtype)
-        dv = dout.new_empty(B, L, Hkv, D, dtype=dtype)
+        dq = q.new_empty(B, L, H, D)
+        dk = q.new_empty(B, L, Hkv, D)
+        dv = q.new_empty(B, L, Hkv, D)
+        out_t = out.transpose(1, 2)  # (B, H, L, D)
         i = 0
         for b in range(B):
-            qg, kg, vg = saved[i:i + 3]
-            i += 3
+            qg, kg, vg, og = _gather_row(b, index, q, k, v, out_t)
             # the anchor's dk/dv sum one term per document: accumulate in float32 (float64), round once
-            dk0 = torch.zeros(Hkv, D, dtype=acc, device=dout.device)
-            dv0 = torch.zeros(Hkv, D, dtype=acc, device=dout.device)
+            dk0 = torch.zeros(Hkv, D, dtype=acc, device=q.device)
+            dv0 = torch.zeros(Hkv, D, dtype=acc, device=q.device)
             for s, n, a, ks in rows[b]:
-                o, lse = saved[i:i + 2]
-                i += 2
+                lse = lses[i]
+                i += 1
                 if a:  # the anchor's own output row was dropped: its incoming gradient is zero
-                    g = dout.new_empty(1, n + 1, H, D, dtype=dtype)
+                    g = q.new_empty(1, n + 1, H, D)
                     g[0, 0] = 0
                     g[0, 1:] = dout[b, s:s + n]
                     g = g.transpose(1, 2)
                 else:
                     g = dout[b:b + 1, s:s + n].to(dtype).transpose(1, 2)
                 sl = slice(ks, ks + n + a)
-                gq, gk, gv = _flash_bwd(g, qg[None, :, sl], kg[None, :, sl], vg[None, :, sl], o, lse, 0.0, True,
-                                        scale=scale)
+                gq, gk, gv = _flash_bwd(g, qg[None, :, sl], kg[None, :, sl], vg[None, :, sl], og[None, :, sl], lse,
+                                        0.0, True, scale=scale)
                 dq[b, s:s + n] = gq[0, :, a:].transpose(0, 1)
                 dk[b, s:s + n] = gk[0, :, a:].transpose(0, 1)
                 dv[b, s:s + n] = gv[0, :, a:].transpose(0, 1)
                 if a:
                     dk0 += gk[0, :, 0]
                     dv0 += gv[0, :, 0]
-            if any(seg[2] for seg in rows[b]):
+            if index[b] is not None:
                 dk[b, 0] = (dk[b, 0].to(acc) + dk0).to(dtype)
                 dv[b, 0] = (dv[b, 0].to(acc) + dv0).to(dtype)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
+def _gather_row(b, index, *tensors):
+    """Row ``b`` of each ``(B, h, L, D)`` tensor as ``(h, L + num_anchored_docs, D)`` in segment order."""
+    if index[b] is None:
+        return tuple(t[b] for t in tensors)
+    return tuple(t[b].index_select(1, index[b]) for t in tensors)
+
+
 def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
     """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
-    B, H, Hkv, L, D = check_qkv(query, key, value, layout)
+    *_, D = check_qkv(query, key, value, layout)
     check_options(softcap, sliding_window, dropout)
     if softcap is not None:
         raise ValueError("softcap is not supported by the 'sdpa' backend; use backend='flex' or 'reference'")
@@ -171,10 +177,10 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
 
 def _blockwise_sdpa(query, key, value, layout, *, scale, window, dropout):
     """The general path: per-segment ``F.scaled_dot_product_attention`` through autograd."""
-    B, H, L, D = query.shape
+    B, H = query.shape[:2]
     Hkv = key.shape[1]
     gqa = Hkv != H
-    kw = dict(scale=scale, window=window, dropout=dropout, gqa=gqa)
+    kw = {"scale": scale, "window": window, "dropout": dropout, "gqa": gqa}
     if layout.mask == "full" and window is None:
         return _sdpa(query, key, value, **kw).transpose(1, 2)
 
