@@ -1,13 +1,16 @@
 """Attention kernel benchmark: AnchorAttention backends vs full causal SDPA on the same packed row.
 
-For each sequence length L, one packed row is built: the anchor at index 0, then documents whose lengths
-are drawn from a seeded lognormal (mean ``--mean-doc`` tokens, ``--sigma``), the last one truncated to fill
+For each sequence length L and each layout seed (``--seeds``), one packed row is built: the anchor at
+index 0, then documents whose lengths are drawn from a seeded lognormal (mean ``--mean-doc`` tokens, ``--sigma``), the last one truncated to fill
 the row (no padding). Every available backend runs in anchor mode beside full causal SDPA
 (``is_causal=True`` over the whole row, the thing anchor attention replaces), interleaved repeat by repeat
 so that load from other processes hits both alike. Warm-up runs are excluded; the figure is the median
 over ``--repeats``.
 
-Reported per (L, backend, pass):
+A single row's FLOP-ratio limit and achieved fraction depend strongly on its layout (one long document
+dominates the FLOPs; many ~1K documents run the CPU kernel at lower efficiency), hence several seeds.
+
+Reported per (L, seed, backend, pass):
 
 * ``full_ms`` / ``anchor_ms``: median wall time of forward+backward (``fwd_bwd``) or forward alone
   (``fwd``, for backends without a backward on the device, e.g. FlexAttention on CPU).
@@ -22,7 +25,7 @@ Reported per (L, backend, pass):
 
 Usage::
 
-    python benchmarks/attention.py --lengths 4096,8192,16384 --threads 1 --repeats 5 \\
+    python benchmarks/attention.py --lengths 4096,8192,16384 --seeds 0,1,2 --threads 1 --repeats 5 \\
         --out benchmarks/results/attention_cpu.json
     python benchmarks/attention.py --device cuda --dtype bfloat16 --out benchmarks/results/attention_cuda.json
 """
@@ -224,7 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--mean-doc", type=float, default=1024.0, help="mean document length (lognormal)")
     p.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of document lengths")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated layout seeds: one packed row (layout) per seed and length")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
@@ -240,6 +243,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.heads % args.kv_heads:
         raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not args.seeds:
+        raise ValueError("--seeds must name at least one seed")
     try:
         args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError:
@@ -265,8 +274,8 @@ def main(argv=None) -> int:
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     load_before = os.getloadavg()
-    for L in args.lengths:
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + L)  # each length's rows independent of the others
+    for L, seed in ((L, seed) for L in args.lengths for seed in args.seeds):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + L)  # each (seed, length) layout independent
         rows = [lognormal_doc_ids(L, args.mean_doc, args.sigma, gen) for _ in range(B)]
         doc_ids = torch.cat([r[0] for r in rows]).to(device)
         doc_lens = [r[1] for r in rows]
@@ -275,7 +284,7 @@ def main(argv=None) -> int:
         flops_full = full_layout.attention_flops(D, H)
         flops_anchor = layout.attention_flops(D, H)
         limit = flops_full / flops_anchor
-        tg = torch.Generator(device=device).manual_seed(args.seed + L)
+        tg = torch.Generator(device=device).manual_seed(seed + L)
         q = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
         k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
         v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
             full_ms, anchor_ms = 1e3 * statistics.median(tf), 1e3 * statistics.median(ta)
             speedup = full_ms / anchor_ms
             rec = {
-                "L": L, "backend": name, "pass": "fwd_bwd" if with_bwd else "fwd", "note": note,
+                "L": L, "seed": seed, "backend": name, "pass": "fwd_bwd" if with_bwd else "fwd", "note": note,
                 "num_docs": [len(x) for x in doc_lens], "max_doc": max(max(x) for x in doc_lens),
                 "full_ms": full_ms, "anchor_ms": anchor_ms, "speedup": speedup,
                 "flops_full": flops_full, "flops_anchor": flops_anchor, "flop_limit": limit,
@@ -324,18 +333,18 @@ def main(argv=None) -> int:
             }
             results.append(rec)
             mem_s = "" if mf is None else f" | mem full {mf / 2**20:7.1f} MiB anchor {ma / 2**20:7.1f} MiB"
-            print(f"L={L:6d} {name:6s} {rec['pass']:7s} docs={sum(rec['num_docs']):3d} full {full_ms:9.1f} ms "
+            print(f"L={L:6d} seed={seed} {name:6s} {rec['pass']:7s} docs={sum(rec['num_docs']):3d} full {full_ms:9.1f} ms "
                   f"anchor {anchor_ms:8.1f} ms speedup {speedup:5.2f} limit {limit:5.2f} "
                   f"fraction {speedup / limit:5.1%} (cpu-time fraction {cpu_f / cpu_a / limit:5.1%}){mem_s}", flush=True)
         del q, k, v, g
 
     print()
-    hdr = (f"{'L':>6} {'backend':7} {'pass':7} {'full ms':>9} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'fraction':>8}"
+    hdr = (f"{'L':>6} {'seed':>4} {'backend':7} {'pass':7} {'full ms':>9} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'fraction':>8}"
            f" {'cpu-time fraction':>17}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        print(f"{r['L']:6d} {r['backend']:7} {r['pass']:7} {r['full_ms']:9.1f} {r['anchor_ms']:9.1f} "
+        print(f"{r['L']:6d} {r['seed']:4d} {r['backend']:7} {r['pass']:7} {r['full_ms']:9.1f} {r['anchor_ms']:9.1f} "
               f"{r['speedup']:7.2f} {r['flop_limit']:6.2f} {r['fraction_of_limit']:8.1%} {r['fraction_of_limit_cpu']:17.1%}")
     if args.out:
         out = {
@@ -345,7 +354,7 @@ def main(argv=None) -> int:
             "config": {
                 "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": B,
                 "heads": H, "kv_heads": Hkv, "head_dim": D, "doc_lengths": f"lognormal(mean={args.mean_doc}, sigma={args.sigma})",
-                "seed": args.seed, "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+                "seeds": args.seeds, "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                 "full_baseline": "F.scaled_dot_product_attention(is_causal=True) over the whole row",
             },
             "memory_method": mem.method,

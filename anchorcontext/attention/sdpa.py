@@ -8,12 +8,12 @@ segment's own ``(l+1) x (l+1)`` mask). Trains on CPU and GPU. No softcap (SDPA c
 Two implementations of the same computation:
 
 * CPU fast path (``dropout == 0``, no effective sliding window, ``mask != "full"``): a custom autograd
-  Function that gathers ``[anchor] + document`` Q/K/V rows once per row (``index_select`` with the
-  layout's segment order), calls the CPU flash kernel
-  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) on views of the gathered
-  tensors, writes outputs and gradients straight into preallocated ``(B, L, H, D)`` buffers and sums the
-  anchor's dk/dv over documents in float32 (float64 for float64 inputs). No per-document ``cat``, no
-  zero-filled full-size gradient per slice; GQA is handled by the kernel without repeating K/V.
+  Function that calls the CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu`` and
+  its backward) per segment on ``[anchor] + document`` pieces (views of Q/K/V for segments without an
+  anchor), writes outputs and gradients straight into preallocated ``(B, L, H, D)`` buffers and sums
+  the anchor's dk/dv over documents in float32 (float64 for float64 inputs). No autograd graph of
+  per-document ``cat``/slice nodes, hence no zero-filled full-size gradient per slice; GQA is handled by
+  the kernel without repeating K/V.
 * General path (CUDA, dropout, sliding window, ``"full"``): the same per-segment square causal SDPA via
   ``F.scaled_dot_product_attention`` and autograd. Per-row pieces come from ``split`` (one backward
   ``cat``), never from slicing a large leaf per piece, which would build a full-size zero gradient per
@@ -56,29 +56,17 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _cpu_plan(layout):
-    """Per row: segments ``(s, n, a, ks)`` (query start, length, 1 if the anchor is prepended, start in
-    the gathered keys) and the gather index ``(L + num_anchored_docs,)`` (``None``: identity). Cached on
-    the layout, so all layers of a forward share it."""
+    """Per row, the segments ``(s, n, a)``: query start, length, 1 if the row's anchor is prepended.
+    Cached on the layout, so all layers of a forward share it."""
     key = ("sdpa_cpu_plan",)
     hit = layout._cache.get(key)
     if hit is None:
-        B = layout.batch_size
-        rows: list[list[tuple[int, int, int, int]]] = [[] for _ in range(B)]
-        gather: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        pos, kpos = [0] * B, [0] * B
+        rows: list[list[tuple[int, int, int]]] = [[] for _ in range(layout.batch_size)]
+        pos = [0] * layout.batch_size
         for n, r, a in zip(layout.seqlens_q, layout.seg_row, layout.seg_anchor):
-            a = int(a)
-            rows[r].append((pos[r], n, a, kpos[r]))
-            if a:
-                gather[r].append(torch.zeros(1, dtype=torch.int64))  # the row's anchor, index 0
-            gather[r].append(torch.arange(pos[r], pos[r] + n))
+            rows[r].append((pos[r], n, int(a)))
             pos[r] += n
-            kpos[r] += n + a
-        index = tuple(
-            torch.cat(g).to(layout.doc_ids.device) if any(seg[2] for seg in rows[b]) else None
-            for b, g in enumerate(gather)
-        )
-        hit = (tuple(tuple(r) for r in rows), index)
+        hit = tuple(tuple(r) for r in rows)
         layout._cache[key] = hit
     return hit
 
@@ -86,33 +74,33 @@ def _cpu_plan(layout):
 class _AnchorFlashCPU(torch.autograd.Function):
     """Square causal CPU flash attention per segment on gathered ``[anchor] + document`` rows.
 
-    forward(q (B,H,L,D), k/v (B,Hkv,L,D), rows, index, scale) -> out (B,L,H,D).
-    Saved: q, k, v, the output and each segment's logsumexp ``(1, H, n + a)``; the gathered rows are
-    rebuilt in backward (one ``index_select`` each) instead of being kept alive between passes. The
-    dropped anchor row of every document's kernel output equals the anchor's own output ``out[b, 0]``
-    (a query that sees one key returns that key's value), so gathering ``out`` restores it exactly.
+    forward(q (B,H,L,D), k/v (B,Hkv,L,D), rows, scale) -> out (B,L,H,D).
+    Saved: q, k, v, the output and each segment's logsumexp ``(1, H, n + a)``; a document's
+    ``[anchor] + document`` pieces are rebuilt in backward one document at a time (peak extra memory is
+    one document's pieces, not the row's). The dropped anchor row of every document's kernel output
+    equals the anchor's own output ``out[b, 0]`` (a query that sees one key returns that key's value),
+    so prepending ``out[b, 0]`` restores it exactly.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, rows, index, scale):
+    def forward(ctx, q, k, v, rows, scale):
         B, H, L, D = q.shape
         out = q.new_empty(B, L, H, D)
         lses = []
         for b in range(B):
-            qg, kg, vg = _gather_row(b, index, q, k, v)
-            for s, n, a, ks in rows[b]:
-                sl = slice(ks, ks + n + a)
-                o, lse = _flash_fwd(qg[None, :, sl], kg[None, :, sl], vg[None, :, sl], 0.0, True, scale=scale)
+            for s, n, a in rows[b]:
+                qs, ks, vs = _segment(b, s, n, a, q, k, v)
+                o, lse = _flash_fwd(qs, ks, vs, 0.0, True, scale=scale)
                 out[b, s:s + n] = o[0, :, a:].transpose(0, 1)  # drop the anchor's own row
                 lses.append(lse)
         ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.rows, ctx.index, ctx.scale = rows, index, scale
+        ctx.rows, ctx.scale = rows, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, *lses = ctx.saved_tensors
-        rows, index, scale = ctx.rows, ctx.index, ctx.scale
+        rows, scale = ctx.rows, ctx.scale
         B, H, L, D = q.shape
         Hkv = k.shape[1]
         dtype = q.dtype
@@ -123,11 +111,10 @@ class _AnchorFlashCPU(torch.autograd.Function):
         out_t = out.transpose(1, 2)  # (B, H, L, D)
         i = 0
         for b in range(B):
-            qg, kg, vg, og = _gather_row(b, index, q, k, v, out_t)
             # the anchor's dk/dv sum one term per document: accumulate in float32 (float64), round once
             dk0 = torch.zeros(Hkv, D, dtype=acc, device=q.device)
             dv0 = torch.zeros(Hkv, D, dtype=acc, device=q.device)
-            for s, n, a, ks in rows[b]:
+            for s, n, a in rows[b]:
                 lse = lses[i]
                 i += 1
                 if a:  # the anchor's own output row was dropped: its incoming gradient is zero
@@ -137,26 +124,26 @@ class _AnchorFlashCPU(torch.autograd.Function):
                     g = g.transpose(1, 2)
                 else:
                     g = dout[b:b + 1, s:s + n].to(dtype).transpose(1, 2)
-                sl = slice(ks, ks + n + a)
-                gq, gk, gv = _flash_bwd(g, qg[None, :, sl], kg[None, :, sl], vg[None, :, sl], og[None, :, sl], lse,
-                                        0.0, True, scale=scale)
+                qs, ks, vs, os_ = _segment(b, s, n, a, q, k, v, out_t)
+                gq, gk, gv = _flash_bwd(g, qs, ks, vs, os_, lse, 0.0, True, scale=scale)
                 dq[b, s:s + n] = gq[0, :, a:].transpose(0, 1)
                 dk[b, s:s + n] = gk[0, :, a:].transpose(0, 1)
                 dv[b, s:s + n] = gv[0, :, a:].transpose(0, 1)
                 if a:
                     dk0 += gk[0, :, 0]
                     dv0 += gv[0, :, 0]
-            if index[b] is not None:
+            if any(seg[2] for seg in rows[b]):
                 dk[b, 0] = (dk[b, 0].to(acc) + dk0).to(dtype)
                 dv[b, 0] = (dv[b, 0].to(acc) + dv0).to(dtype)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
 
 
-def _gather_row(b, index, *tensors):
-    """Row ``b`` of each ``(B, h, L, D)`` tensor as ``(h, L + num_anchored_docs, D)`` in segment order."""
-    if index[b] is None:
-        return tuple(t[b] for t in tensors)
-    return tuple(t[b].index_select(1, index[b]) for t in tensors)
+def _segment(b, s, n, a, *tensors):
+    """``(1, h, n + a, D)`` pieces of ``(B, h, L, D)`` tensors: row ``b``, tokens ``s:s+n``, with the row's
+    anchor (index 0) prepended when ``a`` (a copy of ``n + 1`` rows; otherwise a view)."""
+    if a:
+        return tuple(torch.cat([t[b:b + 1, :, :1], t[b:b + 1, :, s:s + n]], dim=2) for t in tensors)
+    return tuple(t[b:b + 1, :, s:s + n] for t in tensors)
 
 
 def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
@@ -170,8 +157,7 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
     if window is not None and window > layout.max_seqlen_q:
         window = None  # longer than every segment run ([anchor] + document has <= max_seqlen_q + 1 tokens)
     if query.device.type == "cpu" and not dropout and window is None and layout.mask != "full":
-        rows, index = _cpu_plan(layout)
-        return _AnchorFlashCPU.apply(query, key, value, rows, index, scale)
+        return _AnchorFlashCPU.apply(query, key, value, _cpu_plan(layout), scale)
     return _blockwise_sdpa(query, key, value, layout, scale=scale, window=window, dropout=dropout)
 
 
