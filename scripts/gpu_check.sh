@@ -12,7 +12,9 @@
 # CPU dry run with tiny sizes (checks the script end to end here):
 #   bash scripts/gpu_check.sh --dry-run        (or GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh)
 # Knobs: OUT (default ./gpu_check_out), PYTHON (default: the first of python, python3, .venv/bin/python that
-# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 470).
+# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 470); per stage GPU_PYTEST_S, GPU_ATT_S,
+# GPU_TRAIN_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_TRAIN_LENGTHS (default "65536 32768 8192"),
+# GPU_TRAIN_EXTRA (more train_step flags, e.g. "--backends varlen flex").
 set -u -o pipefail
 
 DRY="${GPU_CHECK_DRY_RUN:-0}"
@@ -81,7 +83,8 @@ else
   ATT_ARGS=(--device cuda --dtype bfloat16 --lengths 8192,65536 --heads 32 --kv-heads 8 --head-dim 64
             --mean-doc 1024 --repeats 5 --warmup 2)
   # Longest first: the 64K figures are the goal; 8K is the first to go if the budget runs out.
-  TRAIN_ARGS=(--preset gpu-1b --device cuda --lengths 65536 32768 8192 --repeats 2 --warmup 1)
+  TRAIN_ARGS=(--preset gpu-1b --device cuda --lengths ${GPU_TRAIN_LENGTHS:-65536 32768 8192} --repeats 2 --warmup 1
+              ${GPU_TRAIN_EXTRA:-})
 fi
 
 # ---------------------------------------------------------------------------------------------- 1. env
@@ -122,14 +125,15 @@ print("backend auto on", dev, "->", resolve_backend("auto", dev))
 EOF
 
 # -------------------------------------------------------------------------------------------- 2. tests
-run_stage pytest_gpu 110 "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider tests/gpu
+run_stage pytest_gpu "${GPU_PYTEST_S:-110}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
+  ${GPU_PYTEST_ARGS:-tests/gpu}
 
 # ------------------------------------------------------------------------------- 3. attention kernels
-run_stage attention 90 "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
+run_stage attention "${GPU_ATT_S:-90}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
   --out "$OUT/attention_cuda.json"
 
 # --------------------------------------------------------------------------------- 4. training step
-run_stage train_step 270 "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py "${TRAIN_ARGS[@]}" \
+run_stage train_step "${GPU_TRAIN_S:-270}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py "${TRAIN_ARGS[@]}" \
   --out "$OUT/train_step_cuda.json" --png "$OUT/train_step_cuda.png"
 
 # ------------------------------------------------------------------------------------------ 5. summary
