@@ -58,6 +58,8 @@ def block_mask_for(layout, sliding_window=None, device=None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = torch.device(device or layout.doc_ids.device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one cache entry
+        device = torch.device("cuda", torch.cuda.current_device())
     key = ("flex_block_mask", sliding_window, str(device))
     bm = layout._cache.get(key)
     if bm is None:
