@@ -195,6 +195,10 @@ def _blockwise_sdpa(query, key, value, layout, *, scale, window, dropout):
                     torch.cat([va.to(vi.dtype), vi], dim=1)[None], **kw,
                 )[0, :, 1:]
             else:
+                if layout.mask == "anchor":
+                    # the anchor's own token and padding: SDPA would save these views for backward and keep the
+                    # whole layer's Q/K/V alive (the documents use concatenated copies); copies are tiny
+                    qi, ki, vi = qi.clone(), ki.clone(), vi.clone()
                 o = _sdpa(qi[None], ki[None], vi[None], **kw)[0]
             row_out.append(o)
         outs.append(torch.cat(row_out, dim=1) if len(row_out) > 1 else row_out[0])
