@@ -38,7 +38,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anchorcontext.attention import flex_attention_backend, sdpa_attention, varlen_attention
 from anchorcontext.attention import varlen as _varlen
 from anchorcontext.attention.flex import block_mask_for
+from anchorcontext.bench import machine_info
 from anchorcontext.layout import AnchorLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -192,29 +192,6 @@ def available_backends(device: torch.device, wanted: list[str] | None) -> list[t
 
 
 BACKEND_FNS = {"sdpa": sdpa_attention, "flex": flex_attention_backend, "varlen": varlen_attention}
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["cuda_device"] = torch.cuda.get_device_name(device)
-        info["cuda_version"] = torch.version.cuda
-    return info
 
 
 # ---------------------------------------------------------------------------------------------- main
