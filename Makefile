@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/attention.py $(ARGS)
+	$(PY) -m anchorcontext bench $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorcontext tests benchmarks scripts
