@@ -36,19 +36,31 @@ import torch.nn.functional as F
 from ._common import check_options, check_qkv, default_scaling
 
 
-def _window_mask(n: int, window: int, device) -> torch.Tensor:
-    i = torch.arange(n, device=device)
-    dist = i[:, None] - i[None, :]
+def _band_mask(nq: int, nk: int, q0: int, window: int, device) -> torch.Tensor:
+    """``(nq, nk)`` bool: query ``q0 + i`` may see key ``j`` iff ``0 <= q0 + i - j < window``."""
+    dist = (torch.arange(nq, device=device) + q0)[:, None] - torch.arange(nk, device=device)[None, :]
     return (dist >= 0) & (dist < window)
 
 
 def _sdpa(q, k, v, *, scale, window, dropout, gqa):
+    """Causal SDPA over one segment ``(..., n, D)``, optionally with a sliding window (``q - k < window``).
+
+    A window shorter than the segment runs query chunks of ``window`` rows against their own key band
+    (at most ``2 * window - 1`` keys), so the mask is never ``n x n``: O(n * window) memory.
+    """
     n = q.shape[-2]
-    if window is not None and n > window:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_window_mask(n, window, q.device), dropout_p=dropout, scale=scale, enable_gqa=gqa
-        )
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    kw = dict(dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    if window is None or n <= window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    if n <= 2 * window:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(n, n, 0, window, q.device), **kw)
+    outs = []
+    for s, qc in zip(range(0, n, window), q.split(window, dim=-2)):
+        ks = max(0, s - window + 1)
+        e = s + qc.shape[-2]
+        mask = _band_mask(qc.shape[-2], e - ks, s - ks, window, q.device)
+        outs.append(F.scaled_dot_product_attention(qc, k[..., ks:e, :], v[..., ks:e, :], attn_mask=mask, **kw))
+    return torch.cat(outs, dim=-2)
 
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
