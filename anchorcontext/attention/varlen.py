@@ -10,6 +10,7 @@ frame of ``[anchor] + document`` (the convention :func:`anchorcontext.layout.den
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -24,10 +25,15 @@ logger = logging.getLogger(__name__)
 _KERNEL_OVERRIDE = None
 
 
-def flash_attn_func():
-    """flash-attn's ``flash_attn_varlen_func`` or ``None`` (with the reason) when not importable."""
-    if _KERNEL_OVERRIDE is not None:
-        return _KERNEL_OVERRIDE, "override"
+@functools.lru_cache(maxsize=None)
+def _params(fn) -> frozenset[str]:
+    """Parameter names of a kernel (cached: the signature is inspected once, not per layer)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_flash_attn():
+    # cached: a failed import is retried by Python on every call (~40 us), and this runs per layer
     try:
         from flash_attn import flash_attn_varlen_func
     except Exception as e:  # ImportError, or a broken CUDA build
@@ -35,6 +41,14 @@ def flash_attn_func():
     return flash_attn_varlen_func, "flash_attn"
 
 
+def flash_attn_func():
+    """flash-attn's ``flash_attn_varlen_func`` or ``None`` (with the reason) when not importable."""
+    if _KERNEL_OVERRIDE is not None:
+        return _KERNEL_OVERRIDE, "override"
+    return _import_flash_attn()
+
+
+@functools.lru_cache(maxsize=None)
 def torch_varlen_func():
     """torch's ``varlen_attn`` or ``None`` with the reason."""
     try:
@@ -66,13 +80,13 @@ def unavailable_reason(device: torch.device, softcap=None, dropout=0.0, sliding_
         return "torch varlen_attn has no softcap (install flash-attn for it)"
     if dropout:
         return "torch varlen_attn has no dropout (install flash-attn for it)"
-    if sliding_window is not None and "window_size" not in inspect.signature(tfn).parameters:
+    if sliding_window is not None and "window_size" not in _params(tfn):
         return f"torch {torch.__version__} varlen_attn has no window_size (a newer torch or flash-attn has it)"
     return None
 
 
 def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, H, Hkv):
-    params = inspect.signature(fn).parameters
+    params = _params(fn)
     kw = {}
     if "scale" in params:
         kw["scale"] = scale
