@@ -208,6 +208,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    p.add_argument("--layout", default="blhd", choices=["blhd", "bhld"],
+                   help="memory order of the q/k/v leaves: blhd = (B, L, H, D) viewed as (B, H, L, D), what a "
+                        "transformers attention module passes (default); bhld = contiguous (B, H, L, D), whose "
+                        "gradients cost both sides a transposing copy into .grad")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
     p.add_argument("--backends", default=None, help="comma-separated subset of sdpa,flex,varlen (default: all available)")
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
     gqa = Hkv != H
     info = machine_info(device)
     print(f"# torch {torch.__version__} | device {device} {info.get('cuda_device', info['cpu_model'])} | "
-          f"threads {torch.get_num_threads()} | dtype {args.dtype} | B={B} H={H} Hkv={Hkv} D={D} | "
+          f"threads {torch.get_num_threads()} | dtype {args.dtype} | qkv {args.layout} | B={B} H={H} Hkv={Hkv} D={D} | "
           f"load avg {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     load_before = os.getloadavg()
@@ -262,9 +266,14 @@ def main(argv=None) -> int:
         flops_anchor = layout.attention_flops(D, H)
         limit = flops_full / flops_anchor
         tg = torch.Generator(device=device).manual_seed(seed + L)
-        q = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
-        k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
-        v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
+        if args.layout == "blhd":  # (B, L, H, D) memory viewed as (B, H, L, D), as HF attention modules pass them
+            q = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=tg).transpose(1, 2).requires_grad_()
+            k = torch.randn(B, L, Hkv, D, device=device, dtype=dtype, generator=tg).transpose(1, 2).requires_grad_()
+            v = torch.randn(B, L, Hkv, D, device=device, dtype=dtype, generator=tg).transpose(1, 2).requires_grad_()
+        else:
+            q = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
+            k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
+            v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=tg).requires_grad_()
         g = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=tg)
 
         def full_attn(q, k, v):
@@ -330,6 +339,7 @@ def main(argv=None) -> int:
             "machine": info,
             "config": {
                 "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": B,
+                "qkv_layout": args.layout,
                 "heads": H, "kv_heads": Hkv, "head_dim": D, "doc_lengths": f"lognormal(mean={args.mean_doc}, sigma={args.sigma})",
                 "seeds": args.seeds, "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                 "full_baseline": "F.scaled_dot_product_attention(is_causal=True) over the whole row",

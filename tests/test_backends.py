@@ -133,7 +133,7 @@ def standin(monkeypatch):
 
 #: tiny query chunks, so that the CPU sdpa path's chunked pieces (causal diagonal + prefix rectangle merged
 #: by log-sum-exp) run on these short documents; see tests/test_sdpa_cpu.py for the default sizes
-TINY_CHUNKS = dict(SPLIT_MIN=3, SPLIT_MAX=40, CHUNK_SHORT=2, CHUNK_LONG=5, LONG_FROM=12)
+TINY_CHUNKS = dict(SPLIT_MIN=3, SPLIT_MAX=40, CHUNK=4)
 
 
 def sdpa_chunked(q, k, v, layout, **kw):

@@ -15,15 +15,15 @@ safe -- a tensor with internal overlap (``expand``), or K/V/grad memory that ove
 other than as the identical view -- a private copy is written instead.
 
 **Query chunks.** The kernel skips causal work only in 512-key blocks, so a square causal call on
-``n <= 512`` tokens costs the full ``n x n`` square and larger documents waste ~256 keys per query.
-A document of ``SPLIT_MIN <= n <= SPLIT_MAX`` tokens is therefore cut into query chunks of ``T``
-rows: chunk 0 is one square causal call on ``[anchor] + chunk``; chunk ``c >= 1`` is a causal square
-over its own rows plus an unmasked rectangle over ``[anchor] + document[:c*T]``, merged by
-log-sum-exp. Backward calls the kernel's backward per piece with the merged output and merged
-log-sum-exp (so each piece's softmax probabilities are the global ones) and sums the pieces'
-gradients in float32 (float64 for float64 inputs). Measured per document (2-core Xeon, fp32, 8
-heads, D=64, 1 thread, fwd+bwd kernel time): 1.4-1.5x faster at 200-512 tokens, 1.2x at 1K, 1.1x at
-1.5K, none beyond ~2K (see ``chunk_size``).
+``n <= 512`` tokens costs the full ``n x n`` square. A document of ``SPLIT_MIN <= n <= SPLIT_MAX``
+tokens is therefore cut into query chunks of ``CHUNK`` rows: chunk 0 is one square causal call on
+``[anchor] + chunk``; chunk ``c >= 1`` is a causal square over its own rows plus an unmasked
+rectangle over ``[anchor] + document[:c*CHUNK]``, merged by log-sum-exp. Backward calls the kernel's
+backward per piece with the merged output and merged log-sum-exp (so each piece's softmax
+probabilities are the global ones) and sums the pieces' gradients in float32 (float64 for float64
+inputs). The window where this pays is narrow (see ``chunk_size``): the kernel-only saving is
+1.2-1.5x for 200-1000-token documents, but the merges, the extra calls and their fresh output
+buffers (first-touch page faults) take most of it back.
 """
 
 from __future__ import annotations
@@ -33,28 +33,31 @@ import torch
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-#: documents with ``SPLIT_MIN <= n <= SPLIT_MAX`` tokens run in query chunks of ``CHUNK_SHORT`` rows
-#: (``CHUNK_LONG`` from ``LONG_FROM`` tokens on); see ``chunk_size``. Module constants, read when a
-#: layout's plan is first built (the plan records each segment's chunk length, so backward always
-#: follows the forward's pieces).
-SPLIT_MIN = 160
-SPLIT_MAX = 1600
-CHUNK_SHORT = 128
-CHUNK_LONG = 256
-LONG_FROM = 640
+#: documents with ``SPLIT_MIN <= n <= SPLIT_MAX`` tokens run in query chunks of ``CHUNK`` rows (see
+#: ``chunk_size``). Module constants, read when a layout's plan is first built; the plan records each
+#: segment's chunk length, so backward always follows the forward's pieces.
+SPLIT_MIN = 320
+SPLIT_MAX = 700
+CHUNK = 256
 
 
 def chunk_size(n: int) -> int:
-    """Query-chunk length for a segment of ``n`` tokens (``n`` itself: one square causal call)."""
+    """Query-chunk length for a segment of ``n`` tokens (``n`` itself: one square causal call).
+
+    Measured per document (fwd+bwd of this function, fp32, 8 heads, D=64, 1 thread, 2-core Xeon, inputs
+    in (B, L, H, D) memory order): 256-row chunks are 1.0-1.24x faster (median ~1.12x) for 384-640
+    tokens; outside that window the merges, extra calls and fresh allocations (page faults) cost as much
+    as the kernel saves or more (0.5-0.9x at 800-2000 tokens, ~1x below 320).
+    """
     if n < SPLIT_MIN or n > SPLIT_MAX:
         return n
-    return CHUNK_SHORT if n < LONG_FROM else CHUNK_LONG
+    return CHUNK
 
 
 def plan(layout):
     """Per row, the segments ``(s, n, a, T)``: query start, length, 1 if the row's anchor is prepended,
     query-chunk length. Cached on the layout (per chunking constants), so all layers share it."""
-    key = ("sdpa_cpu_plan", SPLIT_MIN, SPLIT_MAX, CHUNK_SHORT, CHUNK_LONG, LONG_FROM)
+    key = ("sdpa_cpu_plan", SPLIT_MIN, SPLIT_MAX, CHUNK)
     hit = layout._cache.get(key)
     if hit is None:
         rows: list[list[tuple[int, int, int, int]]] = [[] for _ in range(layout.batch_size)]
