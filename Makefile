@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.anchorcontext-installed
 
-.PHONY: venv demo test bench gpu-check lint clean
+.PHONY: venv demo test bench gpu-check gpu-wheels lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,18 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m anchorcontext bench $(ARGS)
+
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
+
+# Wheels for the offline GPU machine (Python 3.12, x86_64): DeepSpeed (sdist-only on PyPI, built here without
+# ops) and the pure/binary dependencies its image lacks. Carry .whl/ to it; scripts/gpu_check.sh installs them.
+GPU_PY ?= 3.12
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
+	$(PY) -m pip download -q --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
+		-d .whl pydantic hjson
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorcontext tests benchmarks scripts

@@ -3,10 +3,10 @@
 # training-step benchmark (~1.1B Llama, bf16, L = 64K/32K/8K), FlexAttention build/compile/recompile figures,
 # then a short summary table. Installs nothing and needs no network; the project runs from the checkout
 # (PYTHONPATH=$PWD). Every stage has its own `timeout` inside a global budget, and logs go to $OUT even when
-# a stage fails. At most 8 files land in $OUT:
+# a stage fails. At most 9 files land in $OUT:
 #
 #   env.txt  pytest_gpu.log  attention_cuda.json  attention_cuda.log
-#   train_step_cuda.json  train_step_cuda.png  train_step_cuda.log  summary.txt
+#   train_step_cuda.json  train_step_cuda.png  train_step_cuda.log  summary.txt  wheels.txt (when wheels were installed)
 #
 # Usage (device machine, repository root):   bash scripts/gpu_check.sh
 # CPU dry run with tiny sizes (checks the script end to end here):
@@ -87,6 +87,27 @@ else
               ${GPU_TRAIN_EXTRA:-})
 fi
 
+# ------------------------------------------------------------------------------- 0. carried wheels
+# The device image has no network and no DeepSpeed (needed by tests/gpu/test_sp_gpu.py). Wheels carried in
+# .whl/ (the device tool's carry=[".whl"]; build them with `make gpu-wheels`) are installed into a private
+# --target dir, each only when its module is not importable already (never shadowing the image's packages).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  SITE="${TMPDIR:-/tmp}/anchorcontext_site"
+  mkdir -p "$SITE"
+  MISSING=$("$PYTHON" -c '
+import importlib.util, os, sys
+for path in sys.argv[1:]:
+    if importlib.util.find_spec(os.path.basename(path).split("-")[0]) is None:
+        print(path)
+' .whl/*.whl)
+  if [[ -n "$MISSING" ]]; then
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $MISSING >"$OUT/wheels.txt" 2>&1
+    echo "# rc=$? installed into $SITE: $(for w in $MISSING; do basename "$w"; done | tr '\n' ' ')" >>"$OUT/wheels.txt"
+    export PYTHONPATH="$PYTHONPATH:$SITE"
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------------- 1. env
 {
   echo "# gpu_check $(date -u +%FT%TZ) dry_run=$DRY python=$PYTHON pwd=$PWD"
@@ -101,7 +122,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", "capability", f"{p.major}.{p.minor}",
           "bf16", torch.cuda.is_bf16_supported())
-for mod in ("transformers", "accelerate", "flash_attn", "triton", "matplotlib", "pytest"):
+for mod in ("transformers", "accelerate", "flash_attn", "triton", "matplotlib", "pytest", "deepspeed"):
     try:
         m = importlib.import_module(mod)
         print(mod, getattr(m, "__version__", "?"))
