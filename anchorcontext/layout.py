@@ -137,7 +137,7 @@ class AnchorLayout:
         return len(self.seqlens_q)
 
     @classmethod
-    def from_doc_ids(cls, doc_ids: torch.Tensor, mask: str = "anchor", *, validate: bool = True) -> "AnchorLayout":
+    def from_doc_ids(cls, doc_ids: torch.Tensor, mask: str = "anchor", *, validate: bool = True) -> AnchorLayout:
         """Derive the layout, vectorised over tokens (one host transfer of per-segment lengths)."""
         check_mask(mask)
         if validate:
@@ -189,7 +189,7 @@ class AnchorLayout:
             seg_anchor=tuple(bool(x) for x in seg_anchor),
         )
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "AnchorLayout":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> AnchorLayout:
         """The same layout with its tensors on ``device`` (host lists are shared; the copy is cached, so
         per-layer calls after the first are free). Accelerate's ``send_to_device`` calls this."""
         device = torch.device(device)

@@ -9,6 +9,8 @@ kernel really let query ``q`` see key ``k``.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import flash_standin
 import pytest
 import torch
@@ -395,8 +397,8 @@ def test_property_layout_invariants(ids, mode):
     lay = AnchorLayout.from_doc_ids(ids, mode)
     B, L = ids.shape
     cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
-    lq = [b - a for a, b in zip(cq, cq[1:])]
-    lk = [b - a for a, b in zip(ck, ck[1:])]
+    lq = [b - a for a, b in pairwise(cq)]
+    lk = [b - a for a, b in pairwise(ck)]
     assert cq[0] == ck[0] == 0 and cq[-1] == B * L and all(n >= 1 for n in lq)
     assert tuple(lq) == lay.seqlens_q and tuple(lk) == lay.seqlens_k
     assert lay.max_seqlen_q == max(lq) and lay.max_seqlen_k == max(lk)
@@ -423,7 +425,7 @@ def test_property_layout_invariants(ids, mode):
         assert len(lq) == B
     else:  # one segment per (row, doc id) run
         flat = ids.reshape(-1)
-        assert all(len(set(flat[a:b].tolist())) == 1 for a, b in zip(cq, cq[1:]))
+        assert all(len(set(flat[a:b].tolist())) == 1 for a, b in pairwise(cq))
 
 
 @settings(max_examples=60, deadline=None)

@@ -79,7 +79,7 @@ def test_gradient_accumulation_normalises_over_num_items(tmp_path):
     full = _one_step_params(tmp_path / "a", bs=2, ga=1)
     accum = _one_step_params(tmp_path / "b", bs=1, ga=2)
     for n in full:
-        torch.testing.assert_close(accum[n], full[n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(accum[n], full[n], atol=1e-6, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_gradient_checkpointing_under_trainer_matches(tmp_path):

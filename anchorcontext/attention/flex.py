@@ -15,7 +15,7 @@ import torch
 from ._common import check_options, check_qkv, default_scaling
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -72,7 +72,7 @@ def block_mask_for(layout, sliding_window=None, device=None):
 
 def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
     """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
-    B, H, Hkv, L, D = check_qkv(query, key, value, layout)
+    _, H, Hkv, _, D = check_qkv(query, key, value, layout)
     check_options(softcap, sliding_window, dropout)
     if dropout:
         raise ValueError(f"dropout={dropout} is not supported by the 'flex' backend; use 'sdpa' or 'varlen'")

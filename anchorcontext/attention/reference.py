@@ -19,7 +19,7 @@ def reference_attention(
     Scores are computed in ``compute_dtype`` (float64 by default), softcapped (``c * tanh(s / c)``),
     masked with :func:`anchorcontext.layout.dense_mask`, softmaxed and applied to V.
     """
-    B, H, Hkv, L, D = check_qkv(query, key, value, layout)
+    _, H, Hkv, _, D = check_qkv(query, key, value, layout)
     check_options(softcap, sliding_window, dropout)
     scale = default_scaling(scaling, D)
     q, k, v = (t.to(compute_dtype) for t in (query, key, value))

@@ -25,13 +25,13 @@ logger = logging.getLogger(__name__)
 _KERNEL_OVERRIDE = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(fn) -> frozenset[str]:
     """Parameter names of a kernel (cached: the signature is inspected once, not per layer)."""
     return frozenset(inspect.signature(fn).parameters)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_flash_attn():
     # cached: a failed import is retried by Python on every call (~40 us), and this runs per layer
     try:
@@ -48,7 +48,7 @@ def flash_attn_func():
     return _import_flash_attn()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_varlen_func():
     """torch's ``varlen_attn`` or ``None`` with the reason."""
     try:

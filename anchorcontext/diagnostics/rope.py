@@ -438,7 +438,7 @@ def _check_angle_layout(model) -> None:
     """Raise ``ValueError`` unless every rotary module computes ``cat(m·θ, m·θ)`` from ``inv_freq`` (fp32 check)."""
     for name, mod in rotary_modules(model):
         if not isinstance(getattr(mod, "inv_freq", None), torch.Tensor):
-            raise ValueError(  # noqa: TRY004  (the project raises ValueError for every unusable input)
+            raise ValueError(
                 f"angles='model_dtype' needs an inv_freq buffer; {name} ({type(mod).__name__}) has none"
             )
         pos = torch.arange(0, 4096, 97, device=mod.inv_freq.device)[None]

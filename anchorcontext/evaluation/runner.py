@@ -280,5 +280,5 @@ def load_results(path: str | pathlib.Path) -> list[dict]:
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise ValueError(f"{path}: not an anchorcontext eval results.json (no 'models' list)")  # noqa: TRY004
+        raise ValueError(f"{path}: not an anchorcontext eval results.json (no 'models' list)")
     return data["models"]

@@ -183,7 +183,7 @@ def _sp_pre_hook(state, module, args, kwargs):
     ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
     ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
     if not isinstance(ref, torch.Tensor):
-        raise ValueError("an anchor forward under sequence parallelism needs input_ids or inputs_embeds")  # noqa: TRY004
+        raise ValueError("an anchor forward under sequence parallelism needs input_ids or inputs_embeds")
     # Matches accelerate's ``disable_in_eval=True``: SP runs in training only; eval batches are not sharded.
     active = module.training or not state["disable_in_eval"]
     sp_size = state["sp_size"] if active else 1

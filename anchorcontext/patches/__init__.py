@@ -200,7 +200,6 @@ def _pre_hook(state, module, args, kwargs):
 def _post_hook(state, module, args, kwargs, output):
     if state["tokens"]:
         _ANCHOR_FORWARD.reset(state["tokens"].pop())
-    return None
 
 
 def patch_model(model, *, backend: str = "auto"):
