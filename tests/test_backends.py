@@ -270,6 +270,20 @@ def test_flex_block_mask_built_once_per_layout(monkeypatch):
     assert built == ["anchor_mask", "anchor_mask"]
 
 
+def test_flex_compiles_once_for_any_softcap_or_window_value():
+    """softcap and the window reach the compiled kernel as captured tensors, not Python constants: new values
+    (e.g. Gemma2's 50.0, per-layer windows) reuse the compiled graph and still give the right result."""
+    from torch._dynamo.utils import counters
+
+    layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
+    q, k, v = make_qkv(2, 4, 2, FLEX_L, FLEX_L, torch.bfloat16)  # test_layout's softcap+window variant shapes
+    graphs = []
+    for cap, window in [(2.0, 3), (7.5, 3), (7.5, 5), (0.5, 11)]:
+        check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, softcap=cap, sliding_window=window)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 3, graphs
+
+
 def test_flex_cpu_grad_raises_clear_error():
     layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
     q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)

@@ -2,7 +2,10 @@
 
 The BlockMask is cached on the ``AnchorLayout`` (keyed by sliding window and device), so every layer
 of a forward (and the backward) reuses it; a new layout at the same length does not recompile.
-``softcap`` goes through a ``score_mod``. CPU: forward only (torch has no FlexAttention backward on
+``softcap`` goes through a ``score_mod``. The softcap and the sliding window are captured as 0-dim tensors, so
+the compiled kernel takes them as inputs: one compile serves every value (a Python float/int closure constant
+would be specialised on, one recompile per value, and dynamo's cache limit of 8 would then fall back to the
+O(L^2) eager path). CPU: forward only (torch has no FlexAttention backward on
 CPU); a clear error is raised when gradients are needed there.
 """
 
@@ -22,8 +25,17 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A cached float32 0-dim tensor on ``device`` (captured by ``score_mod``: an input of the compiled kernel)."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def _mask_mod(doc_ids: torch.Tensor, mask: str, window: int | None):
     doc = doc_ids
+    # the window goes in as a captured 0-dim tensor, not a Python int: the compiled kernel then takes it as an
+    # input instead of specialising on its value (one compile for every window size, e.g. Gemma3's layers)
+    win = None if window is None else torch.full((), window, dtype=torch.int64, device=doc.device)
     if window is not None and mask == "anchor":
         B, L = doc.shape
         idx = torch.arange(L, device=doc.device).expand(B, L)
@@ -41,11 +53,11 @@ def _mask_mod(doc_ids: torch.Tensor, mask: str, window: int | None):
             if mask == "anchor":
                 same = same | ((k == 0) & (doc[b, q] >= 0))
             allowed = allowed & same
-        if window is not None:
-            in_win = (q - k) < window
+        if win is not None:
+            in_win = (q - k) < win
             if mask == "anchor":
                 anchor_key = (k == 0) & (doc[b, q] > 0)
-                in_win = torch.where(anchor_key, local[b, q] < window, in_win)
+                in_win = torch.where(anchor_key, local[b, q] < win, in_win)
             allowed = allowed & in_win
         return allowed
 
@@ -86,7 +98,7 @@ def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=N
     bm = block_mask_for(layout, window, query.device)
     score_mod = None
     if softcap is not None:
-        cap = float(softcap)
+        cap = _scalar(float(softcap), query.device)  # a tensor: no recompile per softcap value
 
         def score_mod(score, b, h, q, k):
             return cap * torch.tanh(score / cap)
