@@ -32,13 +32,16 @@ gpu-check:
 	bash scripts/gpu_check.sh $(ARGS)
 
 # Wheels for the offline GPU machine (Python 3.12, x86_64): DeepSpeed (sdist-only on PyPI, built here without
-# ops) and the pure/binary dependencies its image lacks. Carry .whl/ to it; scripts/gpu_check.sh installs them.
+# ops) and what its image lacks (pydantic stack, hjson; datasets/dill/multiprocess without their deps, which the
+# image has). ~6 MB. Carry .whl/ to it; scripts/gpu_check.sh installs only the modules the image is missing.
 GPU_PY ?= 3.12
 gpu-wheels: $(STAMP)
 	mkdir -p .whl
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
 	$(PY) -m pip download -q --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
 		-d .whl pydantic hjson
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
+		-d .whl datasets dill multiprocess
 
 lint: $(STAMP)
 	$(PY) -m ruff check anchorcontext tests benchmarks scripts
