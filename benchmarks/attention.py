@@ -195,6 +195,20 @@ BACKEND_FNS = {"sdpa": sdpa_attention, "flex": flex_attention_backend, "varlen":
 
 
 # ---------------------------------------------------------------------------------------------- main
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean / min / max fraction of the FLOP-ratio limit per (L, backend, pass) over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["L"], r["backend"], r["pass"]), []).append(r)
+    return [
+        {"L": L, "backend": b, "pass": p, "seeds": [r["seed"] for r in rs],
+         "mean_fraction": statistics.mean(r["fraction_of_limit"] for r in rs),
+         "min_fraction": min(r["fraction_of_limit"] for r in rs),
+         "max_fraction": max(r["fraction_of_limit"] for r in rs)}
+        for (L, b, p), rs in groups.items()
+    ]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,8192,16384", help="comma-separated sequence lengths L")
@@ -332,6 +346,12 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['L']:6d} {r['seed']:4d} {r['backend']:7} {r['pass']:7} {r['full_ms']:9.1f} {r['anchor_ms']:9.1f} "
               f"{r['speedup']:7.2f} {r['flop_limit']:6.2f} {r['fraction_of_limit']:8.1%} {r['fraction_of_limit_cpu']:17.1%}")
+    summary = summarize(results)
+    if len(args.seeds) > 1:
+        print("\nper length and backend, over the seeds (the layouts differ a lot: report the spread, not one row):")
+        for r in summary:
+            print(f"L={r['L']:6d} {r['backend']:7} {r['pass']:7} seeds={r['seeds']} fraction of limit: mean {r['mean_fraction']:6.1%} "
+                  f"min {r['min_fraction']:6.1%} max {r['max_fraction']:6.1%}")
     if args.out:
         out = {
             "benchmark": "anchor attention vs full causal SDPA",
@@ -347,6 +367,7 @@ def main(argv=None) -> int:
             "memory_method": mem.method,
             "load_avg_before": load_before,
             "load_avg_after": os.getloadavg(),
+            "summary": summary,
             "results": results,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,28 @@ def test_flex_check_reports_build_time_and_fractions():
     assert out["block_mask_build_s"] > 0
     assert out["anchor_compile_s_est"] == pytest.approx(2.5)
     assert out["anchor_build_fraction_of_step"] == pytest.approx(out["block_mask_build_s"] / 0.5)
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    """benchmarks/attention.py runs end to end (tiny sizes, both q/k/v layouts) and its per-length summary is
+    the mean / min / max of the rows' own fractions."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for layout in ("blhd", "bhld"):
+        out_file = tmp_path / f"att_{layout}.json"
+        rc = bench.main(["--lengths", "96,128", "--seeds", "0,1,2", "--heads", "2", "--head-dim", "8", "--mean-doc", "20",
+                         "--repeats", "1", "--warmup", "0", "--backends", "sdpa", "--no-memory", "--layout", layout,
+                         "--out", str(out_file)])
+        data = json.loads(out_file.read_text())
+        assert rc == 0 and data["config"]["qkv_layout"] == layout
+        assert len(data["results"]) == 6 and [(s["L"], s["seeds"]) for s in data["summary"]] == [(96, [0, 1, 2]), (128, [0, 1, 2])]
+        for s in data["summary"]:
+            fr = [r["fraction_of_limit"] for r in data["results"] if r["L"] == s["L"]]
+            assert s["mean_fraction"] == pytest.approx(sum(fr) / 3) and (s["min_fraction"], s["max_fraction"]) == (min(fr), max(fr))
+            assert all(r["flop_limit"] > 1 and r["full_ms"] > 0 for r in data["results"])
