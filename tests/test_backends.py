@@ -37,7 +37,6 @@ from anchorcontext.attention import (
 )
 
 dispatch_module = importlib.import_module("anchorcontext.attention.dispatch")
-_cpu_flash = importlib.import_module("anchorcontext.attention._cpu_flash")
 
 L = 61  # odd, not a multiple of any block size
 MODES = ("anchor", "intra_doc", "full")
@@ -131,25 +130,7 @@ def standin(monkeypatch):
     return flash_standin
 
 
-#: tiny query chunks, so that the CPU sdpa path's chunked pieces (causal diagonal + prefix rectangle merged
-#: by log-sum-exp) run on these short documents; see tests/test_sdpa_cpu.py for the default sizes
-TINY_CHUNKS = dict(SPLIT_MIN=3, SPLIT_MAX=40, CHUNK=4)
-
-
-def sdpa_chunked(q, k, v, layout, **kw):
-    """The sdpa backend with ``TINY_CHUNKS`` (backward follows the plan recorded in forward)."""
-    saved = {name: getattr(_cpu_flash, name) for name in TINY_CHUNKS}
-    try:
-        for name, value in TINY_CHUNKS.items():
-            setattr(_cpu_flash, name, value)
-        return sdpa_attention(q, k, v, layout, **kw)
-    finally:
-        for name, value in saved.items():
-            setattr(_cpu_flash, name, value)
-
-
-TRAINABLE = {"reference32": reference32, "sdpa": sdpa_attention, "sdpa_chunked": sdpa_chunked,
-             "varlen": varlen_attention}
+TRAINABLE = {"reference32": reference32, "sdpa": sdpa_attention, "varlen": varlen_attention}
 
 
 # ----------------------------------------------------------------------------- forward + gradients
@@ -195,7 +176,7 @@ def test_backend_options_match_reference(backend, option, mode, dtype, standin):
     ids = doc_ids("batch_mixed")
     layout = AnchorLayout.from_doc_ids(ids, mode)
     q, k, v = make_qkv(ids.shape[0], H, Hkv, L, 16, dtype)
-    if backend.startswith("sdpa") and "softcap" in kw:
+    if backend == "sdpa" and "softcap" in kw:
         with pytest.raises(ValueError, match="softcap is not supported by the 'sdpa' backend"):
             sdpa_attention(q, k, v, layout, **kw)
         return
@@ -518,7 +499,7 @@ def test_property_random_layouts_match_reference(ids, mode, window, gqa, standin
     q, k, v = make_qkv(B, 4, 2 if gqa else 4, n, 8, torch.float64)
     dout = torch.randn(B, n, 4, 8, dtype=torch.float64)
     expected = run(reference_attention, q, k, v, layout, dout, sliding_window=window)
-    for fn in (sdpa_attention, sdpa_chunked, varlen_attention):
+    for fn in (sdpa_attention, varlen_attention):
         out, grads = run(fn, q, k, v, layout, dout, sliding_window=window)
         for a, b in zip((out, *grads), (expected[0], *expected[1])):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -2,29 +2,39 @@
 
 For a document segment in anchor mode the anchor's Q/K/V row is prepended, a square ``is_causal=True``
 SDPA runs on ``[anchor] + document`` and the first output row is dropped. Extra memory is O(L) (the
-gathered pieces, or on CPU one private copy of Q/K/V); no L x L mask is ever built (a sliding window shorter than a segment builds that
+gathered pieces); no L x L mask is ever built (a sliding window shorter than a segment builds that
 segment's own ``(l+1) x (l+1)`` mask). Trains on CPU and GPU. No softcap (SDPA cannot express it).
 
 Two implementations of the same computation:
 
 * CPU fast path (``dropout == 0``, no effective sliding window, ``mask != "full"``): a custom autograd
-  Function in ``_cpu_flash.py`` that calls the CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``
-  and its backward) on views of one contiguous private copy of Q/K/V (the anchor's K/V row written into the
-  row before each document for its calls), cuts 320-700-token documents into query chunks merged by
-  log-sum-exp, writes outputs and gradients straight into preallocated buffers and sums the anchor's dk/dv
-  over documents in float32 (float64 for float64 inputs). GQA is handled by the kernel without repeating K/V.
+  Function that calls the CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu`` and
+  its backward) per segment on ``[anchor] + document`` pieces (views of Q/K/V for segments without an
+  anchor), writes outputs and gradients straight into preallocated ``(B, L, H, D)`` buffers and sums
+  the anchor's dk/dv over documents in float32 (float64 for float64 inputs). No autograd graph of
+  per-document ``cat``/slice nodes, hence no zero-filled full-size gradient per slice; GQA is handled by
+  the kernel without repeating K/V.
 * General path (CUDA, dropout, sliding window, ``"full"``): the same per-segment square causal SDPA via
   ``F.scaled_dot_product_attention`` and autograd. Per-row pieces come from ``split`` (one backward
   ``cat``), never from slicing a large leaf per piece, which would build a full-size zero gradient per
   piece.
 
-CPU speed is bounded by the kernel (docs/performance.md, "CPU attention kernel alone"): it skips causal
-work only in 512-key blocks, so per useful (query, key) pair a square causal call costs ~2x the full 8K
-causal call at 256-512 tokens, ~1.4x at 1K, ~1.2x at 2K, while an unmasked rectangle costs ~0.85x. The
-fast path's choices were each measured interleaved against the previous version on the same rows (8K, five
-layouts, 2-core Xeon, fp32, 1 thread): one contiguous copy instead of per-document ``cat`` copies, +1.6
-points of the FLOP-ratio limit on average; chunking 320-700-token documents, +1.9 more; wider chunk
-windows or 128/512-row chunks, no better; an unfused matmul+softmax for short documents, 1.3-2.6x slower.
+Why not finer pieces on CPU: the CPU flash kernel skips causal work only in 512-key blocks, so a
+document of ``n <= 512`` tokens costs a full ``n x n`` square. Splitting documents into query chunks
+(a causal diagonal plus an unmasked prefix rectangle, merged by log-sum-exp) was measured on the 2-core
+Xeon (torch 2.13, fp32, 1 thread): the kernel time saved on 600-2000-token documents is lost again in
+merges and smaller, less efficient kernel calls, and for larger documents the chunked kernels are
+slower than one square call. See ``benchmarks/attention.py`` for the measured fraction of the
+FLOP-ratio limit.
+
+Tried again in session 2 (commits b6f9d8c, 2ce2685, then reverted): (1) no copies at all -- the
+kernel ran on strided views of the caller's Q/K/V with the anchor's K/V row written into row ``s - 1``
+for the document's calls and restored bit-exactly afterwards; (2) the chunked LSE merge restricted to
+the 320-700-token documents where it measured 1.0-1.24x per document. Interleaved with this
+implementation on the same rows (8K, five layouts, q/k/v in (B, L, H, D) memory) both gave the same
+wall time within the run-to-run noise (-5%..+5%), so the simpler code stayed. What limits this path is
+the kernel itself: per useful (query, key) pair, a square causal call costs ~1.4x (1K tokens) to ~1.2x
+(2K) the full 8K causal call, and ~2x at 256-512 tokens, while an unmasked rectangle costs ~0.85x.
 """
 
 from __future__ import annotations
@@ -33,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_options, check_qkv, default_scaling
-from ._cpu_flash import AnchorFlashCPU, plan
 
 
 def _band_mask(nq: int, nk: int, q0: int, window: int, device) -> torch.Tensor:
@@ -63,6 +72,101 @@ def _sdpa(q, k, v, *, scale, window, dropout, gqa):
     return torch.cat(outs, dim=-2)
 
 
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _cpu_plan(layout):
+    """Per row, the segments ``(s, n, a)``: query start, length, 1 if the row's anchor is prepended.
+    Cached on the layout, so all layers of a forward share it."""
+    key = ("sdpa_cpu_plan",)
+    hit = layout._cache.get(key)
+    if hit is None:
+        rows: list[list[tuple[int, int, int]]] = [[] for _ in range(layout.batch_size)]
+        pos = [0] * layout.batch_size
+        for n, r, a in zip(layout.seqlens_q, layout.seg_row, layout.seg_anchor):
+            rows[r].append((pos[r], n, int(a)))
+            pos[r] += n
+        hit = tuple(tuple(r) for r in rows)
+        layout._cache[key] = hit
+    return hit
+
+
+class _AnchorFlashCPU(torch.autograd.Function):
+    """Square causal CPU flash attention per segment on gathered ``[anchor] + document`` rows.
+
+    forward(q (B,H,L,D), k/v (B,Hkv,L,D), rows, scale) -> out (B,L,H,D).
+    Saved: q, k, v, the output and each segment's logsumexp ``(1, H, n + a)``; a document's
+    ``[anchor] + document`` pieces are rebuilt in backward one document at a time (peak extra memory is
+    one document's pieces, not the row's). The dropped anchor row of every document's kernel output
+    equals the anchor's own output ``out[b, 0]`` (a query that sees one key returns that key's value),
+    so prepending ``out[b, 0]`` restores it exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rows, scale):
+        B, H, L, D = q.shape
+        out = q.new_empty(B, L, H, D)
+        lses = []
+        for b in range(B):
+            for s, n, a in rows[b]:
+                qs, ks, vs = _segment(b, s, n, a, q, k, v)
+                o, lse = _flash_fwd(qs, ks, vs, 0.0, True, scale=scale)
+                out[b, s:s + n] = o[0, :, a:].transpose(0, 1)  # drop the anchor's own row
+                lses.append(lse)
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.rows, ctx.scale = rows, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, *lses = ctx.saved_tensors
+        rows, scale = ctx.rows, ctx.scale
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        dtype = q.dtype
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        dq = q.new_empty(B, L, H, D)
+        dk = q.new_empty(B, L, Hkv, D)
+        dv = q.new_empty(B, L, Hkv, D)
+        out_t = out.transpose(1, 2)  # (B, H, L, D)
+        i = 0
+        for b in range(B):
+            # the anchor's dk/dv sum one term per document: accumulate in float32 (float64), round once
+            dk0 = torch.zeros(Hkv, D, dtype=acc, device=q.device)
+            dv0 = torch.zeros(Hkv, D, dtype=acc, device=q.device)
+            for s, n, a in rows[b]:
+                lse = lses[i]
+                i += 1
+                if a:  # the anchor's own output row was dropped: its incoming gradient is zero
+                    g = q.new_empty(1, n + 1, H, D)
+                    g[0, 0] = 0
+                    g[0, 1:] = dout[b, s:s + n]
+                    g = g.transpose(1, 2)
+                else:
+                    g = dout[b:b + 1, s:s + n].to(dtype).transpose(1, 2)
+                qs, ks, vs, os_ = _segment(b, s, n, a, q, k, v, out_t)
+                gq, gk, gv = _flash_bwd(g, qs, ks, vs, os_, lse, 0.0, True, scale=scale)
+                dq[b, s:s + n] = gq[0, :, a:].transpose(0, 1)
+                dk[b, s:s + n] = gk[0, :, a:].transpose(0, 1)
+                dv[b, s:s + n] = gv[0, :, a:].transpose(0, 1)
+                if a:
+                    dk0 += gk[0, :, 0]
+                    dv0 += gv[0, :, 0]
+            if any(seg[2] for seg in rows[b]):
+                dk[b, 0] = (dk[b, 0].to(acc) + dk0).to(dtype)
+                dv[b, 0] = (dv[b, 0].to(acc) + dv0).to(dtype)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
+
+
+def _segment(b, s, n, a, *tensors):
+    """``(1, h, n + a, D)`` pieces of ``(B, h, L, D)`` tensors: row ``b``, tokens ``s:s+n``, with the row's
+    anchor (index 0) prepended when ``a`` (a copy of ``n + 1`` rows; otherwise a view)."""
+    if a:
+        return tuple(torch.cat([t[b:b + 1, :, :1], t[b:b + 1, :, s:s + n]], dim=2) for t in tensors)
+    return tuple(t[b:b + 1, :, s:s + n] for t in tensors)
+
+
 def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
     """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
     *_, D = check_qkv(query, key, value, layout)
@@ -74,7 +178,7 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
     if window is not None and window > layout.max_seqlen_q:
         window = None  # longer than every segment run ([anchor] + document has <= max_seqlen_q + 1 tokens)
     if query.device.type == "cpu" and not dropout and window is None and layout.mask != "full":
-        return AnchorFlashCPU.apply(query, key, value, plan(layout), scale)
+        return _AnchorFlashCPU.apply(query, key, value, _cpu_plan(layout), scale)
     return _blockwise_sdpa(query, key, value, layout, scale=scale, window=window, dropout=dropout)
 
 
