@@ -35,6 +35,10 @@ implementation on the same rows (8K, five layouts, q/k/v in (B, L, H, D) memory)
 wall time within the run-to-run noise (-5%..+5%), so the simpler code stayed. What limits this path is
 the kernel itself: per useful (query, key) pair, a square causal call costs ~1.4x (1K tokens) to ~1.2x
 (2K) the full 8K causal call, and ~2x at 256-512 tokens, while an unmasked rectangle costs ~0.85x.
+A third variant (commit 8571531, reverted: one contiguous private copy of Q/K/V instead of per-document
+``cat``, the anchor row written into the copy, chunks for 320-700-token documents) measured +3.5 points of
+the FLOP-ratio limit in one interleaved A/B over five 8K layouts and -2.1 (8K) / -0.4 (16K) in the next:
+no gain beyond this VM's noise, so it was reverted too.
 """
 
 from __future__ import annotations
