@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import json
 import math
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anchorcontext.attention import flex_attention_backend, sdpa_attention, varlen_attention
 from anchorcontext.attention import varlen as _varlen
 from anchorcontext.attention.flex import block_mask_for
-from anchorcontext.bench import machine_info
+from anchorcontext.bench import PeakMemory, machine_info
 from anchorcontext.layout import AnchorLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,56 +76,13 @@ def lognormal_doc_ids(length: int, mean: float, sigma: float, generator: torch.G
 
 
 # -------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory increase of one call: CUDA allocator peak, or Linux peak RSS (VmHWM) on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.libc = None
-        self.rss_ok = False
-        if device.type == "cpu" and sys.platform.startswith("linux"):
-            try:
-                self.libc = ctypes.CDLL("libc.so.6")
-                self._reset_hwm()
-                self.rss_ok = True
-            except OSError:
-                self.rss_ok = False
-
-    @staticmethod
-    def _status_kib(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise OSError(f"{field} not in /proc/self/status")
-
-    def _reset_hwm(self) -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated - memory_allocated before the pass (allocator bytes)"
-        if self.rss_ok:
-            return "Linux peak RSS (VmHWM, reset via /proc/self/clear_refs after malloc_trim) - RSS before the pass"
-        return "unavailable on this platform"
-
-    def measure(self, fn) -> int | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before
-        if not self.rss_ok:
-            return None
-        self.libc.malloc_trim(0)
-        self._reset_hwm()
-        before = self._status_kib("VmRSS")
-        fn()
-        return (self._status_kib("VmHWM") - before) * 1024
+def peak_increase(mem: PeakMemory, fn) -> int | None:
+    """Peak memory increase of one call of ``fn`` over the state just before it (bytes; ``None`` where
+    :class:`anchorcontext.bench.PeakMemory` cannot measure)."""
+    before = mem.start()
+    fn()
+    peak = mem.stop()
+    return None if before is None or peak is None else peak - before
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -317,7 +273,7 @@ def main(argv=None) -> int:
             cpu_f, cpu_a = (1e3 * statistics.median(ts[n]) for n in ("full_cpu", "anchor_cpu"))
             mf = ma = None
             if not args.no_memory:
-                mf, ma = mem.measure(full_pass), mem.measure(anchor_pass)
+                mf, ma = peak_increase(mem, full_pass), peak_increase(mem, anchor_pass)
             full_ms, anchor_ms = 1e3 * statistics.median(tf), 1e3 * statistics.median(ta)
             speedup = full_ms / anchor_ms
             rec = {
