@@ -246,18 +246,9 @@ def test_flex_forward_matches_reference(variant, pair):
     check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, **kw)
 
 
-def test_flex_block_mask_built_once_per_layout(monkeypatch):
+def test_flex_block_mask_built_once_per_layout(block_mask_builds):
     """Layers share the layout's cached BlockMask; a new layout builds its own."""
-    import torch.nn.attention.flex_attention as fa
-
-    built = []
-    real = fa.create_block_mask
-
-    def counting(*args, **kwargs):
-        built.append(args[0].__name__)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fa, "create_block_mask", counting)
+    built = block_mask_builds
     layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
     q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
     with torch.no_grad():

@@ -135,18 +135,9 @@ def test_sdpa_gpu_matches_reference(variant, case):
     check_against_oracle(sdpa_attention, q, k, v, layout, **kw)
 
 
-def test_flex_block_mask_reused_across_layers(monkeypatch):
+def test_flex_block_mask_reused_across_layers(block_mask_builds):
     """Four 'layers' forward and backward build the layout's BlockMask once (cached on the layout)."""
-    import torch.nn.attention.flex_attention as fa
-
-    built = []
-    real = fa.create_block_mask
-
-    def counting(*args, **kwargs):
-        built.append(args[0].__name__)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fa, "create_block_mask", counting)
+    built = block_mask_builds
     layout = AnchorLayout.from_doc_ids(torch.tensor(CASES["odd_lengths+single_doc"], device=DEV))
     q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 4))  # VARIANTS["anchor"]: no recompile
     h = q
