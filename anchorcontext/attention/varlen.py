@@ -146,18 +146,18 @@ def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, s
     """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
     B, H, Hkv, L, D = check_qkv(query, key, value, layout)
     check_options(softcap, sliding_window, dropout)
+    window = None if sliding_window is None else int(sliding_window)
+    reason = unavailable_reason(query.device, softcap, dropout, window, query.dtype)
+    if reason is not None:  # before any gather
+        raise ValueError(f"backend='varlen' cannot run: {reason}")
     layout = layout.to(query.device)
     scale = default_scaling(scaling, D)
-    window = None if sliding_window is None else int(sliding_window)
     q = query.transpose(1, 2).reshape(B * L, H, D)
     k = key.transpose(1, 2).reshape(B * L, Hkv, D)
     v = value.transpose(1, 2).reshape(B * L, Hkv, D)
     if layout.kv_index is not None:
         k = gather_rows(k, layout.kv_index)
         v = gather_rows(v, layout.kv_index)
-    reason = unavailable_reason(query.device, softcap, dropout, window, query.dtype)
-    if reason is not None:
-        raise ValueError(f"backend='varlen' cannot run: {reason}")
     fa, _ = flash_attn_func()
     if fa is not None:
         out = fa(
