@@ -80,10 +80,10 @@ _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _cpu_plan(layout):
+def _segment_plan(layout):
     """Per row, the segments ``(s, n, a)``: query start, length, 1 if the row's anchor is prepended.
     Cached on the layout, so all layers of a forward share it."""
-    key = ("sdpa_cpu_plan",)
+    key = ("sdpa_segment_plan",)
     hit = layout._cache.get(key)
     if hit is None:
         rows: list[list[tuple[int, int, int]]] = [[] for _ in range(layout.batch_size)]
@@ -182,7 +182,7 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
     if window is not None and window > layout.max_seqlen_q:
         window = None  # longer than every segment run ([anchor] + document has <= max_seqlen_q + 1 tokens)
     if query.device.type == "cpu" and not dropout and window is None and layout.mask != "full":
-        return _AnchorFlashCPU.apply(query, key, value, _cpu_plan(layout), scale)
+        return _AnchorFlashCPU.apply(query, key, value, _segment_plan(layout), scale)
     return _blockwise_sdpa(query, key, value, layout, scale=scale, window=window, dropout=dropout)
 
 
@@ -195,12 +195,10 @@ def _blockwise_sdpa(query, key, value, layout, *, scale, window, dropout):
     if layout.mask == "full" and window is None:
         return _sdpa(query, key, value, **kw).transpose(1, 2)
 
-    # per-row segment lengths (host lists, computed once per batch in the layout)
-    rows: list[list[int]] = [[] for _ in range(B)]
-    anchors: list[list[bool]] = [[] for _ in range(B)]
-    for n, r, a in zip(layout.seqlens_q, layout.seg_row, layout.seg_anchor):
-        rows[r].append(n)
-        anchors[r].append(a)
+    # per-row segment lengths and anchor flags, from the plan cached on the layout (once per batch)
+    plan = _segment_plan(layout)
+    rows = [[n for _, n, _ in segs] for segs in plan]
+    anchors = [[bool(a) for _, _, a in segs] for segs in plan]
     outs = []
     for b in range(B):
         qs = query[b].split(rows[b], dim=1)
