@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anchorcontext.attention import flex_attention_backend, sdpa_attention, varlen_attention
+from anchorcontext.attention import cpu_kernel, flex_attention_backend, sdpa_attention, varlen_attention
 from anchorcontext.attention import varlen as _varlen
 from anchorcontext.attention.flex import block_mask_for
 from anchorcontext.bench import PeakMemory, machine_info
@@ -142,12 +142,20 @@ def available_backends(device: torch.device, wanted: list[str] | None) -> list[t
             print(f"# varlen skipped: {why}", file=sys.stderr)
     else:
         out.append(("flex", False, "forward only on CPU (no FlexAttention backward)"))
+        if device.type == "cpu" and cpu_kernel.get() is not None:
+            # sdpa runs the compiled exact-tile kernel here; time its fallback path too, side by side
+            out.insert(1, ("sdpa_stock", True, "sdpa without the compiled kernel: torch's CPU flash kernel per document"))
     if wanted:
         out = [b for b in out if b[0] in wanted]
     return out
 
 
-BACKEND_FNS = {"sdpa": sdpa_attention, "flex": flex_attention_backend, "varlen": varlen_attention}
+def sdpa_stock(*args, **kw):
+    with cpu_kernel.disabled():
+        return sdpa_attention(*args, **kw)
+
+
+BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention_backend, "varlen": varlen_attention}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -184,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "gradients cost both sides a transposing copy into .grad")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
-    p.add_argument("--backends", default=None, help="comma-separated subset of sdpa,flex,varlen (default: all available)")
+    p.add_argument("--backends", default=None, help="comma-separated subset of sdpa,sdpa_stock,flex,varlen (default: all available)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -319,6 +327,7 @@ def main(argv=None) -> int:
                 "heads": H, "kv_heads": Hkv, "head_dim": D, "doc_lengths": f"lognormal(mean={args.mean_doc}, sigma={args.sigma})",
                 "seeds": args.seeds, "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                 "full_baseline": "F.scaled_dot_product_attention(is_causal=True) over the whole row",
+                "sdpa_cpu_kernel": (getattr(cpu_kernel.get(), "__name__", None) if device.type == "cpu" else None),
             },
             "memory_method": mem.method,
             "load_avg_before": load_before,

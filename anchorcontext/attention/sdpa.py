@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernel
 from ._common import check_options, check_qkv, default_scaling
 
 
@@ -94,6 +95,45 @@ def _segment_plan(layout):
         hit = tuple(tuple(r) for r in rows)
         layout._cache[key] = hit
     return hit
+
+
+def _segment_table(layout) -> torch.Tensor:
+    """``(S, 4)`` int64 rows ``(b, s, n, a)`` of the segment plan, for the compiled kernel (cached on the layout)."""
+    key = ("cpu_kernel_segments",)
+    hit = layout._cache.get(key)
+    if hit is None:
+        hit = torch.tensor(
+            [(b, s, n, a) for b, segs in enumerate(_segment_plan(layout)) for s, n, a in segs], dtype=torch.int64
+        ).reshape(-1, 4)
+        layout._cache[key] = hit
+    return hit
+
+
+class _AnchorKernelCPU(torch.autograd.Function):
+    """The compiled exact-tile kernel (``cpu_kernel``): one forward and one backward call per layer for the
+    whole batch, Q/K/V read in place from their ``(B, L, H, D)`` views. Saves q, k, v, out and the
+    ``(B, H, L)`` log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments, scale, kernel):
+        qt, kt, vt = (_last_dim_contiguous(t.transpose(1, 2)) for t in (q, k, v))
+        out, lse = kernel.forward(qt, kt, vt, segments, scale, cpu_kernel.Q_BLOCK, cpu_kernel.KV_BLOCK)
+        ctx.save_for_backward(qt, kt, vt, out, lse, segments)
+        ctx.scale, ctx.kernel = scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qt, kt, vt, out, lse, segments = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(
+            _last_dim_contiguous(dout), qt, kt, vt, out, lse, segments, ctx.scale,
+            cpu_kernel.Q_BLOCK, cpu_kernel.KV_BLOCK,
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class _AnchorFlashCPU(torch.autograd.Function):
@@ -182,6 +222,9 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
     if window is not None and window > layout.max_seqlen_q:
         window = None  # longer than every segment run ([anchor] + document has <= max_seqlen_q + 1 tokens)
     if query.device.type == "cpu" and not dropout and window is None and layout.mask != "full":
+        kernel = cpu_kernel.get() if query.dtype in (torch.float32, torch.float64) else None
+        if kernel is not None:
+            return _AnchorKernelCPU.apply(query, key, value, _segment_table(layout), scale, kernel)
         return _AnchorFlashCPU.apply(query, key, value, _segment_plan(layout), scale)
     return _blockwise_sdpa(query, key, value, layout, scale=scale, window=window, dropout=dropout)
 

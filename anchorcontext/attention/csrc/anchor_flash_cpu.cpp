@@ -1,0 +1,300 @@
+// Exact-tile causal flash attention for CPU over packed segments, with an optional shared anchor key.
+//
+// One call covers a whole (B, L) batch: every segment (row b, start s, length n, anchor a) runs causal
+// attention over its own tokens; when a == 1 the row's token 0 (the anchor) is one more key, visible to
+// every query of the segment. Q/K/V are read in place from (B, L, H, D)-strided memory (the last dim
+// contiguous); nothing is gathered or concatenated. Key blocks end exactly at each query block's last
+// key (torch's CPU flash kernel always runs whole 512-key blocks, so a causal segment of n <= 512 tokens
+// costs a full n x n square there). Forward: online softmax per query block. Backward: recompute P from
+// the saved log-sum-exp; dQ/dK/dV accumulate in place; one task per (row, kv head) so GQA groups and the
+// anchor's dK/dV (one term per segment) never race. Matrix products go to the BLAS that libtorch_cpu
+// exports (sgemm_/dgemm_); the exponential is a vectorisable polynomial (float) or std::exp (double).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*);
+}
+
+namespace {
+
+// Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C; op(X) = X^T when tX.
+// Stored A is M x K (or K x M when ta) with leading dimension lda; likewise B.
+inline void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+                 int ldb, float beta, float* C, int ldc) {
+  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+  sgemm_(&ca, &cb, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+inline void gemm(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
+                 int ldb, double beta, double* C, int ldc) {
+  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+  dgemm_(&ca, &cb, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// exp(x) for x <= 0 (Cephes polynomial, ~1 ulp), written so that GCC vectorises a loop over it.
+inline float fexp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+inline double fexp(double x) { return std::exp(x); }
+
+template <typename T>
+struct Strided {  // (B, L, H, D) view: element (b, l, h, d) at p[b*sb + l*sl + h*sh + d]
+  T* p;
+  int64_t sb, sl, sh;
+  T* row(int64_t b, int64_t l, int64_t h) const { return p + b * sb + l * sl + h * sh; }
+};
+
+template <typename T>
+Strided<T> view(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// One key block of a segment: rows [k0, k0 + kb) of the row's K/V (token index), causal relative to the
+// query block when `diag` (query i of the block, token q0 + i, sees keys with token index <= q0 + i).
+struct KeyBlock {
+  int64_t k0;
+  int kb;
+  bool diag;
+};
+
+// Key blocks for the query block [q0, q0 + qb) of segment [s, s + n) with anchor flag a.
+inline void key_blocks(int64_t s, int64_t q0, int qb, bool a, int KB, std::vector<KeyBlock>& out) {
+  out.clear();
+  if (a) out.push_back({0, 1, false});
+  const int64_t end = q0 + qb;  // exclusive: the block's last query sees keys up to end - 1
+  for (int64_t k0 = s; k0 < end; k0 += KB) {
+    const int kb = static_cast<int>(std::min<int64_t>(KB, end - k0));
+    out.push_back({k0, kb, k0 + kb > q0 + 1});
+  }
+}
+
+// Number of visible keys of key block `kblk` for query token q (>= 0; 0 = none).
+inline int visible(const KeyBlock& kblk, int64_t q) {
+  if (!kblk.diag) return kblk.kb;
+  const int64_t v = q - kblk.k0 + 1;
+  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kblk.kb, v)));
+}
+
+// Query rows per block: 64 for short segments (less work in the diagonal block), QB otherwise.
+inline int query_block(int64_t n, int QB) { return n <= 384 ? std::min(QB, 64) : QB; }
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segs,
+                  at::Tensor& out, at::Tensor& lse, double scale_d, int QB, int KB) {
+  const int64_t H = q.size(2), Hkv = k.size(2), D = q.size(3);
+  const int64_t S = segs.size(0), group = H / Hkv;
+  const auto Q = view<T>(q), K = view<T>(k), V = view<T>(v), O = view<T>(out);
+  T* L = lse.data_ptr<T>();  // (B, H, Lq) contiguous
+  const int64_t lsb = lse.stride(0), lsh = lse.stride(1);
+  const int64_t* sg = segs.data_ptr<int64_t>();
+  const T scale = static_cast<T>(scale_d);
+  // tasks ordered head-major so a static split over threads gives each thread whole heads
+  at::parallel_for(0, H * S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sbuf(static_cast<size_t>(QB) * KB), acc(static_cast<size_t>(QB) * D), mx(QB), sm(QB);
+    std::vector<KeyBlock> blocks;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / S, g = h / group;
+      const int64_t* seg = sg + 4 * (task % S);
+      const int64_t b = seg[0], s = seg[1], n = seg[2];
+      const bool a = seg[3] != 0;
+      const int qbs = query_block(n, QB);
+      for (int64_t q0 = s; q0 < s + n; q0 += qbs) {
+        const int qb = static_cast<int>(std::min<int64_t>(qbs, s + n - q0));
+        std::fill(acc.begin(), acc.begin() + qb * D, T(0));
+        std::fill(mx.begin(), mx.begin() + qb, T(-1e30));
+        std::fill(sm.begin(), sm.begin() + qb, T(0));
+        key_blocks(s, q0, qb, a, KB, blocks);
+        for (const auto& kblk : blocks) {
+          const int kb = kblk.kb;
+          // S = scale * Q_blk @ K_blk^T   (qb x kb)
+          gemm(false, true, qb, kb, static_cast<int>(D), scale, Q.row(b, q0, h), static_cast<int>(Q.sl),
+               K.row(b, kblk.k0, g), static_cast<int>(K.sl), T(0), sbuf.data(), kb);
+          for (int i = 0; i < qb; ++i) {
+            T* srow = sbuf.data() + static_cast<int64_t>(i) * kb;
+            const int lim = visible(kblk, q0 + i);
+            if (lim == 0) {
+              std::fill(srow, srow + kb, T(0));
+              continue;
+            }
+            T m = mx[i];
+#pragma omp simd reduction(max : m)
+            for (int j = 0; j < lim; ++j) m = srow[j] > m ? srow[j] : m;
+            const T f = fexp(mx[i] - m);
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < lim; ++j) {
+              const T p = fexp(srow[j] - m);
+              srow[j] = p;
+              sum += p;
+            }
+            std::fill(srow + lim, srow + kb, T(0));
+            sm[i] = sm[i] * f + sum;
+            mx[i] = m;
+            if (f != T(1)) {
+              T* arow = acc.data() + i * D;
+              for (int64_t d = 0; d < D; ++d) arow[d] *= f;
+            }
+          }
+          // acc += P @ V_blk   (qb x D)
+          gemm(false, false, qb, static_cast<int>(D), kb, T(1), sbuf.data(), kb, V.row(b, kblk.k0, g),
+               static_cast<int>(V.sl), T(1), acc.data(), static_cast<int>(D));
+        }
+        for (int i = 0; i < qb; ++i) {
+          const T inv = T(1) / sm[i];
+          T* orow = O.row(b, q0 + i, h);
+          const T* arow = acc.data() + i * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
+          L[b * lsb + h * lsh + q0 + i] = mx[i] + std::log(sm[i]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segs, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv, double scale_d, int QB, int KB) {
+  const int64_t B = q.size(0), H = q.size(2), Hkv = k.size(2), D = q.size(3);
+  const int64_t S = segs.size(0), group = H / Hkv;
+  const auto Q = view<T>(q), K = view<T>(k), V = view<T>(v), O = view<T>(out), dO = view<T>(dout);
+  const auto dQ = view<T>(dq), dK = view<T>(dk), dV = view<T>(dv);
+  const T* L = lse.data_ptr<T>();
+  const int64_t lsb = lse.stride(0), lsh = lse.stride(1);
+  const int64_t* sg = segs.data_ptr<int64_t>();
+  const T scale = static_cast<T>(scale_d);
+  const int iD = static_cast<int>(D);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pbuf(static_cast<size_t>(QB) * KB), dpbuf(static_cast<size_t>(QB) * KB), dsum(QB);
+    std::vector<KeyBlock> blocks;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t si = 0; si < S; ++si) {
+          const int64_t* seg = sg + 4 * si;
+          if (seg[0] != b) continue;
+          const int64_t s = seg[1], n = seg[2];
+          const bool a = seg[3] != 0;
+          const int qbs = query_block(n, QB);
+          for (int64_t q0 = s; q0 < s + n; q0 += qbs) {
+            const int qb = static_cast<int>(std::min<int64_t>(qbs, s + n - q0));
+            for (int i = 0; i < qb; ++i) {
+              const T* go = dO.row(b, q0 + i, h);
+              const T* o = O.row(b, q0 + i, h);
+              T acc = 0;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t d = 0; d < D; ++d) acc += go[d] * o[d];
+              dsum[i] = acc;
+            }
+            key_blocks(s, q0, qb, a, KB, blocks);
+            for (const auto& kblk : blocks) {
+              const int kb = kblk.kb;
+              T* P = pbuf.data();
+              T* dP = dpbuf.data();
+              gemm(false, true, qb, kb, iD, scale, Q.row(b, q0, h), static_cast<int>(Q.sl), K.row(b, kblk.k0, g),
+                   static_cast<int>(K.sl), T(0), P, kb);
+              for (int i = 0; i < qb; ++i) {
+                T* prow = P + static_cast<int64_t>(i) * kb;
+                const int lim = visible(kblk, q0 + i);
+                const T l = L[b * lsb + h * lsh + q0 + i];
+#pragma GCC ivdep
+                for (int j = 0; j < lim; ++j) prow[j] = fexp(prow[j] - l);
+                std::fill(prow + lim, prow + kb, T(0));
+              }
+              // dV_blk += P^T @ dO_blk
+              gemm(true, false, kb, iD, qb, T(1), P, kb, dO.row(b, q0, h), static_cast<int>(dO.sl), T(1),
+                   dV.row(b, kblk.k0, g), static_cast<int>(dV.sl));
+              // dP = dO_blk @ V_blk^T
+              gemm(false, true, qb, kb, iD, T(1), dO.row(b, q0, h), static_cast<int>(dO.sl), V.row(b, kblk.k0, g),
+                   static_cast<int>(V.sl), T(0), dP, kb);
+              // dS = P * (dP - dsum)   (in dP)
+              for (int i = 0; i < qb; ++i) {
+                T* prow = P + static_cast<int64_t>(i) * kb;
+                T* drow = dP + static_cast<int64_t>(i) * kb;
+                const T ds = dsum[i];
+#pragma GCC ivdep
+                for (int j = 0; j < kb; ++j) drow[j] = prow[j] * (drow[j] - ds);
+              }
+              // dQ_blk += scale * dS @ K_blk ;  dK_blk += scale * dS^T @ Q_blk
+              gemm(false, false, qb, iD, kb, scale, dP, kb, K.row(b, kblk.k0, g), static_cast<int>(K.sl), T(1),
+                   dQ.row(b, q0, h), static_cast<int>(dQ.sl));
+              gemm(true, false, kb, iD, qb, scale, dP, kb, Q.row(b, q0, h), static_cast<int>(Q.sl), T(1),
+                   dK.row(b, kblk.k0, g), static_cast<int>(dK.sl));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segs) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "anchor_flash_cpu: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "anchor_flash_cpu: q/k/v must be (B, L, H, D)");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "anchor_flash_cpu: last dim must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "anchor_flash_cpu: q/k/v shapes disagree");
+  TORCH_CHECK(q.size(2) % k.size(2) == 0, "anchor_flash_cpu: H must be a multiple of Hkv");
+  TORCH_CHECK(segs.dtype() == at::kLong && segs.dim() == 2 && segs.size(1) == 4 && segs.is_contiguous(),
+              "anchor_flash_cpu: segs must be a contiguous (S, 4) int64 tensor");
+}
+
+}  // namespace
+
+// q (B, L, H, D), k/v (B, L, Hkv, D) strided views; segs (S, 4) int64 rows (b, s, n, a).
+// Returns out (B, L, H, D) (zeros outside every segment) and lse (B, H, L).
+std::vector<at::Tensor> anchor_flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& segs, double scale, int64_t QB, int64_t KB) {
+  check_inputs(q, k, v, segs);
+  auto out = at::zeros(q.sizes(), q.options());
+  auto lse = at::zeros({q.size(0), q.size(2), q.size(1)}, q.options());
+  AT_DISPATCH_SWITCH(q.scalar_type(), "anchor_flash_forward",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl<float>(q, k, v, segs, out, lse, scale, QB, KB); })
+                     AT_DISPATCH_CASE(at::kDouble, [&] { forward_impl<double>(q, k, v, segs, out, lse, scale, QB, KB); }));
+  return {out, lse};
+}
+
+// Gradients (dq (B, L, H, D), dk/dv (B, L, Hkv, D)); zeros outside every segment.
+std::vector<at::Tensor> anchor_flash_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                              const at::Tensor& segs, double scale, int64_t QB, int64_t KB) {
+  check_inputs(q, k, v, segs);
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.stride(3) == 1 && out.sizes() == q.sizes() && out.stride(3) == 1,
+              "anchor_flash_cpu: dout/out must match q with a contiguous last dim");
+  auto dq = at::zeros(q.sizes(), q.options());
+  auto dk = at::zeros(k.sizes(), k.options());
+  auto dv = at::zeros(v.sizes(), v.options());
+  AT_DISPATCH_SWITCH(q.scalar_type(), "anchor_flash_backward",
+                     AT_DISPATCH_CASE(at::kFloat, [&] {
+                       backward_impl<float>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
+                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
+                       backward_impl<double>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
+                     }));
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &anchor_flash_forward, "anchor flash attention forward (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &anchor_flash_backward, "anchor flash attention backward (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+}
