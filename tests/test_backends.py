@@ -27,8 +27,8 @@ from test_layout import FLEX_L, FLEX_VARIANTS, doc_id_batches
 from anchorcontext import AnchorLayout, anchor_attention, dispatch
 from anchorcontext.attention import (
     BACKENDS,
-    cpu_kernel,
     block_mask_for,
+    cpu_kernel,
     flex_attention_backend,
     reference_attention,
     resolve_backend,
