@@ -5,19 +5,25 @@ SDPA runs on ``[anchor] + document`` and the first output row is dropped. Extra 
 gathered pieces); no L x L mask is ever built (a sliding window shorter than a segment builds that
 segment's own ``(l+1) x (l+1)`` mask). Trains on CPU and GPU. No softcap (SDPA cannot express it).
 
-Two implementations of the same computation:
+Three implementations of the same computation:
 
-* CPU fast path (``dropout == 0``, no effective sliding window, ``mask != "full"``): a custom autograd
-  Function that calls the CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu`` and
-  its backward) per segment on ``[anchor] + document`` pieces (views of Q/K/V for segments without an
-  anchor), writes outputs and gradients straight into preallocated ``(B, L, H, D)`` buffers and sums
-  the anchor's dk/dv over documents in float32 (float64 for float64 inputs). No autograd graph of
-  per-document ``cat``/slice nodes, hence no zero-filled full-size gradient per slice; GQA is handled by
-  the kernel without repeating K/V.
+* Compiled CPU kernel (``cpu_kernel``, float32/float64, ``dropout == 0``, no effective sliding window,
+  ``mask != "full"``): ``csrc/anchor_flash_cpu.cpp`` runs the whole batch in one forward and one backward
+  call per layer, reading Q/K/V in place; the anchor is one extra key of each document's query blocks, and
+  key blocks end exactly at each query block's diagonal. JIT-built on first use; where it cannot be built
+  (no compiler) or for other dtypes, the next path runs.
+* Stock CPU path (same conditions): a custom autograd Function that calls the CPU flash kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) per segment on
+  ``[anchor] + document`` pieces (views of Q/K/V for segments without an anchor), writes outputs and
+  gradients straight into preallocated ``(B, L, H, D)`` buffers and sums the anchor's dk/dv over documents
+  in float32 (float64 for float64 inputs). No autograd graph of per-document ``cat``/slice nodes, hence no
+  zero-filled full-size gradient per slice; GQA is handled by the kernel without repeating K/V.
 * General path (CUDA, dropout, sliding window, ``"full"``): the same per-segment square causal SDPA via
   ``F.scaled_dot_product_attention`` and autograd. Per-row pieces come from ``split`` (one backward
   ``cat``), never from slicing a large leaf per piece, which would build a full-size zero gradient per
   piece.
+
+What follows is about the stock CPU path (why the compiled kernel exists).
 
 Why not finer pieces on CPU: the CPU flash kernel skips causal work only in 512-key blocks, so a
 document of ``n <= 512`` tokens costs a full ``n x n`` square. Splitting documents into query chunks
