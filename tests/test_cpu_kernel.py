@@ -155,3 +155,26 @@ def test_kernel_builds_where_a_compiler_exists():
     module = cpu_kernel.get()
     assert module is not None, cpu_kernel._state["error"]
     assert cpu_kernel._isa()[0] in module.__name__
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [(4, 4), (6, 3), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_kernel_threads_agree(heads, kernel_used):
+    """Two threads (tasks split over kv heads and segments; the anchor's dK/dV terms per task, summed after
+    the loop) give the one-thread result: no races on the shared anchor row or on a GQA group's dK/dV."""
+    layout = AnchorLayout.from_doc_ids(torch.tensor([row([40, 1, 300, 7, 90], 500), row([200, 250], 500)]))
+    q, k, v = qkv_blhd(2, 500, *heads, 16, torch.float64, seed=3)
+    dout = torch.randn(2, 500, heads[0], 16, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads(sdpa_attention, q, k, v, layout, dout)
+        torch.set_num_threads(2)
+        two = grads(sdpa_attention, q, k, v, layout, dout)
+    finally:
+        torch.set_num_threads(before)
+    assert kernel_used == [layout.num_segments] * 2
+    want = grads(reference_attention, q, k, v, layout, dout)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), one, two, want):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-10, msg=name)

@@ -74,8 +74,10 @@ def _build():
     return load(
         name=f"anchorcontext_flash_cpu_{tag}",
         sources=[str(SOURCE)],
-        # -fno-trapping-math lets GCC vectorise the float->int step of the exponential
-        extra_cflags=["-O3", "-fopenmp-simd", "-fno-trapping-math", *isa],
+        # -fno-trapping-math lets GCC vectorise the float->int step of the exponential; -fopenmp because
+        # at::parallel_for is an inline `#pragma omp parallel` (without it, it runs on one thread)
+        extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *isa],
+        extra_ldflags=["-fopenmp"],
         verbose=False,
     )
 

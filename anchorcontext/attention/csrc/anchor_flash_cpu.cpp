@@ -6,9 +6,11 @@
 // contiguous); nothing is gathered or concatenated. Key blocks end exactly at each query block's last
 // key (torch's CPU flash kernel always runs whole 512-key blocks, so a causal segment of n <= 512 tokens
 // costs a full n x n square there). Forward: online softmax per query block. Backward: recompute P from
-// the saved log-sum-exp; dQ/dK/dV accumulate in place; one task per (row, kv head) so GQA groups and the
-// anchor's dK/dV (one term per segment) never race. Matrix products go to the BLAS that libtorch_cpu
-// exports (sgemm_/dgemm_); the exponential is a vectorisable polynomial (float) or std::exp (double).
+// the saved log-sum-exp; dQ/dK/dV accumulate in place, one task per (kv head, segment) running the kv
+// head's query heads in turn, so GQA groups never race; the anchor's dK/dV terms (one per segment) go to
+// per-task slots summed after the loop. Threads: at::parallel_for (torch's OpenMP pool; hence -fopenmp).
+// Matrix products go to the BLAS that libtorch_cpu exports (sgemm_/dgemm_); the exponential is a
+// vectorisable polynomial (float) or std::exp (double).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -74,16 +76,17 @@ struct KeyBlock {
   int64_t k0;
   int kb;
   bool diag;
+  bool anchor;  // the row's token 0 as the segment's extra key
 };
 
 // Key blocks for the query block [q0, q0 + qb) of segment [s, s + n) with anchor flag a.
 inline void key_blocks(int64_t s, int64_t q0, int qb, bool a, int KB, std::vector<KeyBlock>& out) {
   out.clear();
-  if (a) out.push_back({0, 1, false});
+  if (a) out.push_back({0, 1, false, true});
   const int64_t end = q0 + qb;  // exclusive: the block's last query sees keys up to end - 1
   for (int64_t k0 = s; k0 < end; k0 += KB) {
     const int kb = static_cast<int>(std::min<int64_t>(KB, end - k0));
-    out.push_back({k0, kb, k0 + kb > q0 + 1});
+    out.push_back({k0, kb, k0 + kb > q0 + 1, false});
   }
 }
 
@@ -174,7 +177,7 @@ template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segs, at::Tensor& dq,
                    at::Tensor& dk, at::Tensor& dv, double scale_d, int QB, int KB) {
-  const int64_t B = q.size(0), H = q.size(2), Hkv = k.size(2), D = q.size(3);
+  const int64_t H = q.size(2), Hkv = k.size(2), D = q.size(3);
   const int64_t S = segs.size(0), group = H / Hkv;
   const auto Q = view<T>(q), K = view<T>(k), V = view<T>(v), O = view<T>(out), dO = view<T>(dout);
   const auto dQ = view<T>(dq), dK = view<T>(dk), dV = view<T>(dv);
@@ -183,16 +186,21 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t* sg = segs.data_ptr<int64_t>();
   const T scale = static_cast<T>(scale_d);
   const int iD = static_cast<int>(D);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // The anchor's dK/dV get one term per segment: each (kv head, segment) task writes its term here, summed
+  // into dK/dV[b, 0] after the parallel loop, so tasks never write the same rows.
+  std::vector<T> anchor_terms(static_cast<size_t>(S * Hkv * 2 * D), T(0));
+  // tasks (kv head, segment), kv-head-major; a task runs the kv head's query heads (GQA group) in turn
+  at::parallel_for(0, Hkv * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pbuf(static_cast<size_t>(QB) * KB), dpbuf(static_cast<size_t>(QB) * KB), dsum(QB);
     std::vector<KeyBlock> blocks;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv;
+      const int64_t g = task / S, si = task % S;
+      T* adk = anchor_terms.data() + (si * Hkv + g) * 2 * D;
+      T* adv = adk + D;
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        for (int64_t si = 0; si < S; ++si) {
+        {
           const int64_t* seg = sg + 4 * si;
-          if (seg[0] != b) continue;
-          const int64_t s = seg[1], n = seg[2];
+          const int64_t b = seg[0], s = seg[1], n = seg[2];
           const bool a = seg[3] != 0;
           const int qbs = query_block(n, QB);
           for (int64_t q0 = s; q0 < s + n; q0 += qbs) {
@@ -221,8 +229,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                 std::fill(prow + lim, prow + kb, T(0));
               }
               // dV_blk += P^T @ dO_blk
-              gemm(true, false, kb, iD, qb, T(1), P, kb, dO.row(b, q0, h), static_cast<int>(dO.sl), T(1),
-                   dV.row(b, kblk.k0, g), static_cast<int>(dV.sl));
+              T* dv_blk = kblk.anchor ? adv : dV.row(b, kblk.k0, g);
+              T* dk_blk = kblk.anchor ? adk : dK.row(b, kblk.k0, g);
+              const int ld_dv = kblk.anchor ? iD : static_cast<int>(dV.sl);
+              const int ld_dk = kblk.anchor ? iD : static_cast<int>(dK.sl);
+              gemm(true, false, kb, iD, qb, T(1), P, kb, dO.row(b, q0, h), static_cast<int>(dO.sl), T(1), dv_blk,
+                   ld_dv);
               // dP = dO_blk @ V_blk^T
               gemm(false, true, qb, kb, iD, T(1), dO.row(b, q0, h), static_cast<int>(dO.sl), V.row(b, kblk.k0, g),
                    static_cast<int>(V.sl), T(0), dP, kb);
@@ -237,14 +249,27 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               // dQ_blk += scale * dS @ K_blk ;  dK_blk += scale * dS^T @ Q_blk
               gemm(false, false, qb, iD, kb, scale, dP, kb, K.row(b, kblk.k0, g), static_cast<int>(K.sl), T(1),
                    dQ.row(b, q0, h), static_cast<int>(dQ.sl));
-              gemm(true, false, kb, iD, qb, scale, dP, kb, Q.row(b, q0, h), static_cast<int>(Q.sl), T(1),
-                   dK.row(b, kblk.k0, g), static_cast<int>(dK.sl));
+              gemm(true, false, kb, iD, qb, scale, dP, kb, Q.row(b, q0, h), static_cast<int>(Q.sl), T(1), dk_blk,
+                   ld_dk);
             }
           }
         }
       }
     }
   });
+  for (int64_t si = 0; si < S; ++si) {
+    if (sg[4 * si + 3] == 0) continue;
+    const int64_t b = sg[4 * si];
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const T* t = anchor_terms.data() + (si * Hkv + g) * 2 * D;
+      T* dk0 = dK.row(b, 0, g);
+      T* dv0 = dV.row(b, 0, g);
+      for (int64_t d = 0; d < D; ++d) {
+        dk0[d] += t[d];
+        dv0[d] += t[D + d];
+      }
+    }
+  }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segs) {
