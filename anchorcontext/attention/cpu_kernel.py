@@ -23,6 +23,8 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -66,9 +68,27 @@ def _mode() -> str:
     return value or "auto"
 
 
+def _ensure_ninja() -> None:
+    """torch's JIT build runs ``ninja`` from PATH. The ``ninja`` wheel (a dependency) puts it next to the
+    interpreter, which is not on PATH when a venv's python is run without activating the venv: add that
+    directory (only when no ninja is found)."""
+    if shutil.which("ninja"):
+        return
+    dirs = [Path(sys.executable).parent]
+    with contextlib.suppress(Exception):
+        import ninja
+
+        dirs.insert(0, Path(ninja.BIN_DIR))
+    for d in dirs:
+        if (d / "ninja").exists():
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
+    _ensure_ninja()
     tag, isa = _isa()
     logger.info("anchorcontext: loading the CPU attention kernel (compiled on first use, ~40 s)")
     return load(
