@@ -9,7 +9,7 @@ Three implementations of the same computation:
 
 * Compiled CPU kernel (``cpu_kernel``, float32/float64, ``dropout == 0``, no effective sliding window,
   ``mask != "full"``): ``csrc/anchor_flash_cpu.cpp`` runs the whole batch in one forward and one backward
-  call per layer, reading Q/K/V in place; the anchor is one extra key of each document's query blocks, and
+  call per layer, reading Q/K/V without full-size copies; the anchor is one extra key of each document's query blocks, and
   key blocks end exactly at each query block's diagonal. JIT-built on first use; where it cannot be built
   (no compiler) or for other dtypes, the next path runs.
 * Stock CPU path (same conditions): a custom autograd Function that calls the CPU flash kernel
@@ -117,7 +117,7 @@ def _segment_table(layout) -> torch.Tensor:
 
 class _AnchorKernelCPU(torch.autograd.Function):
     """The compiled exact-tile kernel (``cpu_kernel``): one forward and one backward call per layer for the
-    whole batch, Q/K/V read in place from their ``(B, L, H, D)`` views. Saves q, k, v, out and the
+    whole batch, Q/K/V read (no full-size copies) from their ``(B, L, H, D)`` views. Saves q, k, v, out and the
     ``(B, H, L)`` log-sum-exp."""
 
     @staticmethod
