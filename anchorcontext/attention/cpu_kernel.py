@@ -2,8 +2,8 @@
 
 ``csrc/anchor_flash_cpu.cpp`` is a flash-attention forward/backward for CPU that runs a whole packed
 batch in one call: every segment attends causally within itself, plus to the row's anchor token when the
-segment has one, reading Q/K/V from ``(B, L, H, D)`` memory without full-size copies (per-task copies of one segment and head). Its key blocks end exactly at each
-query block's last key. torch's own CPU flash kernel (what the fallback path calls once per document)
+segment has one, reading Q/K/V from ``(B, L, H, D)`` memory without full-size copies (each task copies one
+segment of one head). Its key blocks end exactly at each query block's last key. torch's own CPU flash kernel (what the fallback path calls once per document)
 always computes whole 512-key blocks, so a causal call on ``n <= 512`` tokens costs a full ``n x n``
 square and a 1K-token document ~1.5x its causal pairs; on the 2-core Xeon this kernel runs 1K-token
 documents ~1.3x and 512-token documents ~1.8x faster per useful pair than torch's, and a full 8K causal
