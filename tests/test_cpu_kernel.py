@@ -114,13 +114,38 @@ def test_kernel_and_stock_path_agree_in_fp32(kernel_used):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_bf16_and_env_off_use_the_stock_path(monkeypatch, kernel_used):
+def test_env_off_uses_the_stock_path(monkeypatch, kernel_used):
     layout = AnchorLayout.from_doc_ids(torch.tensor([row([5, 9], 16)]))
-    q, k, v = qkv_blhd(1, 16, 2, 2, 8, torch.bfloat16)
-    sdpa_attention(q, k, v, layout)
+    q, k, v = qkv_blhd(1, 16, 2, 2, 8, torch.float32)
     monkeypatch.setenv(cpu_kernel.ENV, "0")
-    sdpa_attention(*(t.float() for t in (q, k, v)), layout)
+    sdpa_attention(q, k, v, layout)
     assert kernel_used == []
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("blocks", [(3, 5), (128, 512)], ids=lambda b: f"q{b[0]}k{b[1]}")
+def test_kernel_half_storage_float32_math(dtype, blocks, monkeypatch, kernel_used):
+    """bf16/fp16 rows are converted to float32 per task and every result is rounded once: the outputs are the
+    float64 oracle's (on the same half-precision inputs) to about one half-precision rounding, and no worse than
+    the stock path (torch's kernel on half inputs)."""
+    monkeypatch.setattr(cpu_kernel, "Q_BLOCK", blocks[0])
+    monkeypatch.setattr(cpu_kernel, "KV_BLOCK", blocks[1])
+    L = 300
+    layout = AnchorLayout.from_doc_ids(torch.tensor([row([40, 1, 150, 7, 90], L), row([299], L)]))
+    q, k, v = qkv_blhd(2, L, 4, 2, 16, dtype, seed=4)
+    dout = torch.randn(2, L, 4, 16, dtype=torch.float64).to(dtype)
+    got = grads(sdpa_attention, q, k, v, layout, dout)
+    with cpu_kernel.disabled():
+        stock = grads(sdpa_attention, q, k, v, layout, dout)
+    want = grads(reference_attention, *(t.double() for t in (q, k, v)), layout, dout.double())
+    assert kernel_used == [layout.num_segments] and all(t.dtype == dtype for t in got)
+    eps = torch.finfo(dtype).eps
+    for name, a, s, w in zip(("out", "dq", "dk", "dv"), got, stock, want):
+        err = ((a.double() - w).abs() / (w.abs() + 1)).max().item()
+        err_stock = ((s.double() - w).abs() / (w.abs() + 1)).max().item()
+        assert err <= 2 * eps, (name, err, eps)
+        assert err <= err_stock + eps / 2, (name, err, err_stock)
 
 
 def test_env_value_is_checked(monkeypatch):

@@ -10,9 +10,9 @@ documents ~1.3x and 512-token documents ~1.8x faster per useful pair than torch'
 row at the same speed (``docs/performance.md``).
 
 It is JIT-compiled with ``torch.utils.cpp_extension`` on first use (~40 s with g++, cached in
-``TORCH_EXTENSIONS_DIR``; rebuilt only when the source or the flags change). Float32 and float64 only;
-other dtypes, and machines where it cannot be built, use the stock-kernel path (same results within
-floating-point error; the tests run both). ``ANCHORCONTEXT_CPU_KERNEL``: unset or ``auto`` = build and use
+``TORCH_EXTENSIONS_DIR``; rebuilt only when the source or the flags change). Float32, float64, and
+bfloat16/float16 storage with float32 arithmetic; machines where it cannot be built use the stock-kernel path
+(same results within floating-point error; the tests run both). ``ANCHORCONTEXT_CPU_KERNEL``: unset or ``auto`` = build and use
 it when possible (a failed build logs one warning and falls back), ``0`` = never, ``1`` = required (a
 failed build raises).
 """
@@ -28,6 +28,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger("anchorcontext")
 
 ENV = "ANCHORCONTEXT_CPU_KERNEL"
@@ -35,6 +37,9 @@ SOURCE = Path(__file__).with_name("csrc") / "anchor_flash_cpu.cpp"
 # query rows per block (64 for segments of <= 384 tokens, chosen in the kernel) and keys per block:
 # the fastest of 64/128/256 x 256/512 measured per segment length on the 2-core Xeon (fp32, H=8, D=64)
 Q_BLOCK, KV_BLOCK = 128, 512
+# storage dtypes it runs; bfloat16/float16 rows are converted to float32 per task, every product and sum is
+# float32 (the log-sum-exp too), results are rounded once to the storage type
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}
@@ -102,6 +107,13 @@ def _build():
     )
 
 
+def _summary(error: str) -> str:
+    """The compiler's error lines when there are any (a failed build's message starts with the long command)."""
+    lines = [ln.strip() for ln in error.splitlines() if "error" in ln.lower() and ln.strip()]
+    picked = [ln for ln in lines if ": error:" in ln] or lines[:1] or error.splitlines()[:1]
+    return "; ".join(picked[:3])[:600]
+
+
 def get():
     """The compiled module, or ``None`` when it is switched off or cannot be built (then the caller falls back)."""
     if getattr(_local, "disabled", 0) or _mode() == "0":
@@ -116,7 +128,7 @@ def get():
                     logger.warning(
                         "anchorcontext: the CPU attention kernel could not be built (%s); the sdpa backend uses "
                         "torch's CPU flash kernel per document instead (slower on short documents)",
-                        _state["error"].splitlines()[0][:300],
+                        _summary(_state["error"]),
                     )
                 _state["tried"] = True
     if _state["module"] is None and _mode() == "1":

@@ -7,11 +7,12 @@ segment's own ``(l+1) x (l+1)`` mask). Trains on CPU and GPU. No softcap (SDPA c
 
 Three implementations of the same computation:
 
-* Compiled CPU kernel (``cpu_kernel``, float32/float64, ``dropout == 0``, no effective sliding window,
+* Compiled CPU kernel (``cpu_kernel``, float32/float64/bfloat16/float16 with float32 products and sums for the
+  half types, ``dropout == 0``, no effective sliding window,
   ``mask != "full"``): ``csrc/anchor_flash_cpu.cpp`` runs the whole batch in one forward and one backward
   call per layer, reading Q/K/V without full-size copies; the anchor is one extra key of each document's query blocks, and
   key blocks end exactly at each query block's diagonal. JIT-built on first use; where it cannot be built
-  (no compiler) or for other dtypes, the next path runs.
+  (no compiler), the next path runs.
 * Stock CPU path (same conditions): a custom autograd Function that calls the CPU flash kernel
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) per segment on
   ``[anchor] + document`` pieces (views of Q/K/V for segments without an anchor), writes outputs and
@@ -228,7 +229,7 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
     if window is not None and window > layout.max_seqlen_q:
         window = None  # longer than every segment run ([anchor] + document has <= max_seqlen_q + 1 tokens)
     if query.device.type == "cpu" and not dropout and window is None and layout.mask != "full":
-        kernel = cpu_kernel.get() if query.dtype in (torch.float32, torch.float64) else None
+        kernel = cpu_kernel.get() if query.dtype in cpu_kernel.DTYPES else None
         if kernel is not None:
             return _AnchorKernelCPU.apply(query, key, value, _segment_table(layout), scale, kernel)
         return _AnchorFlashCPU.apply(query, key, value, _segment_plan(layout), scale)

@@ -100,21 +100,36 @@ inline int visible(const KeyBlock& kblk, int64_t q) {
 }
 
 // Rows [r0, r0 + nr) of head h of row b, copied into dst (nr x D, contiguous).
-template <typename T>
-inline void gather_rows(const Strided<T>& X, int64_t b, int64_t h, int64_t r0, int64_t nr, int64_t D, T* dst) {
-  for (int64_t r = 0; r < nr; ++r) std::copy_n(X.row(b, r0 + r, h), D, dst + r * D);
+// (converted to the compute type T: float for float/bfloat16/half storage, double for double).
+template <typename St, typename T>
+inline void gather_rows(const Strided<St>& X, int64_t b, int64_t h, int64_t r0, int64_t nr, int64_t D, T* dst) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const St* src = X.row(b, r0 + r, h);
+    T* d = dst + r * D;
+    for (int64_t i = 0; i < D; ++i) d[i] = static_cast<T>(src[i]);
+  }
+}
+
+// n rows of D values from src (compute type, contiguous) to rows [r0, r0 + n) of head h (storage type).
+template <typename St, typename T>
+inline void scatter_rows(const T* src, int64_t n, int64_t D, const Strided<St>& X, int64_t b, int64_t r0, int64_t h) {
+  for (int64_t r = 0; r < n; ++r) {
+    St* d = X.row(b, r0 + r, h);
+    const T* x = src + r * D;
+    for (int64_t i = 0; i < D; ++i) d[i] = static_cast<St>(x[i]);
+  }
 }
 
 // Query rows per block: 64 for short segments (less work in the diagonal block), QB otherwise.
 inline int query_block(int64_t n, int QB) { return n <= 384 ? std::min(QB, 64) : QB; }
 
-template <typename T>
+template <typename St, typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segs,
                   at::Tensor& out, at::Tensor& lse, double scale_d, int QB, int KB) {
   const int64_t H = q.size(2), Hkv = k.size(2), D = q.size(3);
   const int64_t S = segs.size(0), group = H / Hkv;
-  const auto Q = view<T>(q), K = view<T>(k), V = view<T>(v), O = view<T>(out);
-  T* L = lse.data_ptr<T>();  // (B, H, Lq) contiguous
+  const auto Q = view<St>(q), K = view<St>(k), V = view<St>(v), O = view<St>(out);
+  T* L = lse.data_ptr<T>();  // (B, H, Lq) contiguous, compute type
   const int64_t lsb = lse.stride(0), lsh = lse.stride(1);
   const int64_t* sg = segs.data_ptr<int64_t>();
   const T scale = static_cast<T>(scale_d);
@@ -184,9 +199,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
         for (int i = 0; i < qb; ++i) {
           const T inv = T(1) / sm[i];
-          T* orow = O.row(b, q0 + i, h);
+          St* orow = O.row(b, q0 + i, h);
           const T* arow = acc.data() + i * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
+          for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<St>(arow[d] * inv);
           L[b * lsb + h * lsh + q0 + i] = mx[i] + std::log(sm[i]);
         }
       }
@@ -194,14 +209,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-template <typename T>
+template <typename St, typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segs, at::Tensor& dq,
                    at::Tensor& dk, at::Tensor& dv, double scale_d, int QB, int KB) {
   const int64_t H = q.size(2), Hkv = k.size(2), D = q.size(3);
   const int64_t S = segs.size(0), group = H / Hkv;
-  const auto Q = view<T>(q), K = view<T>(k), V = view<T>(v), O = view<T>(out), dO = view<T>(dout);
-  const auto dQ = view<T>(dq), dK = view<T>(dk), dV = view<T>(dv);
+  const auto Q = view<St>(q), K = view<St>(k), V = view<St>(v), O = view<St>(out), dO = view<St>(dout);
+  const auto dQ = view<St>(dq), dK = view<St>(dk), dV = view<St>(dv);
   const T* L = lse.data_ptr<T>();
   const int64_t lsb = lse.stride(0), lsh = lse.stride(1);
   const int64_t* sg = segs.data_ptr<int64_t>();
@@ -248,10 +263,10 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             T* dq_blk = dqc.data() + (q0 - s) * D;
             for (int i = 0; i < qb; ++i) {
               const T* go = do_blk + i * D;
-              const T* o = O.row(b, q0 + i, h);
+              const St* o = O.row(b, q0 + i, h);
               T acc = 0;
 #pragma omp simd reduction(+ : acc)
-              for (int64_t d = 0; d < D; ++d) acc += go[d] * o[d];
+              for (int64_t d = 0; d < D; ++d) acc += go[d] * static_cast<T>(o[d]);
               dsum[i] = acc;
             }
             key_blocks(s, q0, qb, a, KB, blocks);
@@ -286,14 +301,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               gemm(true, false, kb, iD, qb, scale, dP, kb, q_blk, iD, T(1), dkc.data() + kl * D, iD);
             }
           }
-          for (int64_t r = 0; r < n; ++r) std::copy_n(dqc.data() + r * D, D, dQ.row(b, s + r, h));
+          scatter_rows(dqc.data(), n, D, dQ, b, s, h);
         }
       }
       // this task owns the segment's dK/dV rows of kv head g; the anchor's term goes to its slot
-      for (int64_t r = 0; r < n; ++r) {
-        std::copy_n(dkc.data() + (r + off) * D, D, dK.row(b, s + r, g));
-        std::copy_n(dvc.data() + (r + off) * D, D, dV.row(b, s + r, g));
-      }
+      scatter_rows(dkc.data() + off * D, n, D, dK, b, s, g);
+      scatter_rows(dvc.data() + off * D, n, D, dV, b, s, g);
       if (a) {
         T* slot = anchor_terms.data() + (si * Hkv + g) * 2 * D;
         std::copy_n(dkc.data(), D, slot);
@@ -301,16 +314,28 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       }
     }
   });
+  // the anchor's terms of each row summed in the compute type, then added to its own-segment value and
+  // rounded once (a half-precision running sum over many documents would lose bits per term)
+  const int64_t B = q.size(0);
+  std::vector<T> sums(static_cast<size_t>(B * Hkv * 2 * D), T(0));
+  std::vector<char> has(static_cast<size_t>(B), 0);
   for (int64_t si = 0; si < S; ++si) {
     if (sg[4 * si + 3] == 0) continue;
     const int64_t b = sg[4 * si];
+    has[b] = 1;
+    const T* t = anchor_terms.data() + si * Hkv * 2 * D;
+    T* acc = sums.data() + b * Hkv * 2 * D;
+    for (int64_t i = 0; i < Hkv * 2 * D; ++i) acc[i] += t[i];
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    if (!has[b]) continue;
     for (int64_t g = 0; g < Hkv; ++g) {
-      const T* t = anchor_terms.data() + (si * Hkv + g) * 2 * D;
-      T* dk0 = dK.row(b, 0, g);
-      T* dv0 = dV.row(b, 0, g);
+      const T* t = sums.data() + (b * Hkv + g) * 2 * D;
+      St* dk0 = dK.row(b, 0, g);
+      St* dv0 = dV.row(b, 0, g);
       for (int64_t d = 0; d < D; ++d) {
-        dk0[d] += t[d];
-        dv0[d] += t[D + d];
+        dk0[d] = static_cast<St>(static_cast<T>(dk0[d]) + t[d]);
+        dv0[d] = static_cast<St>(static_cast<T>(dv0[d]) + t[D + d]);
       }
     }
   }
@@ -327,6 +352,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "anchor_flash_cpu: segs must be a contiguous (S, 4) int64 tensor");
 }
 
+// float32 for float/bfloat16/half storage, float64 for double: the type of every product, sum and the lse.
+at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 }  // namespace
 
 // q (B, L, H, D), k/v (B, L, Hkv, D) strided views; segs (S, 4) int64 rows (b, s, n, a).
@@ -335,10 +363,13 @@ std::vector<at::Tensor> anchor_flash_forward(const at::Tensor& q, const at::Tens
                                              const at::Tensor& segs, double scale, int64_t QB, int64_t KB) {
   check_inputs(q, k, v, segs);
   auto out = at::zeros(q.sizes(), q.options());
-  auto lse = at::zeros({q.size(0), q.size(2), q.size(1)}, q.options());
-  AT_DISPATCH_SWITCH(q.scalar_type(), "anchor_flash_forward",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl<float>(q, k, v, segs, out, lse, scale, QB, KB); })
-                     AT_DISPATCH_CASE(at::kDouble, [&] { forward_impl<double>(q, k, v, segs, out, lse, scale, QB, KB); }));
+  auto lse = at::zeros({q.size(0), q.size(2), q.size(1)}, q.options().dtype(compute_type(q)));
+  AT_DISPATCH_SWITCH(
+      q.scalar_type(), "anchor_flash_forward",
+      AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl<float, float>(q, k, v, segs, out, lse, scale, QB, KB); })
+      AT_DISPATCH_CASE(at::kDouble, [&] { forward_impl<double, double>(q, k, v, segs, out, lse, scale, QB, KB); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { forward_impl<at::BFloat16, float>(q, k, v, segs, out, lse, scale, QB, KB); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { forward_impl<at::Half, float>(q, k, v, segs, out, lse, scale, QB, KB); }));
   return {out, lse};
 }
 
@@ -352,12 +383,18 @@ std::vector<at::Tensor> anchor_flash_backward(const at::Tensor& dout, const at::
   auto dq = at::zeros(q.sizes(), q.options());
   auto dk = at::zeros(k.sizes(), k.options());
   auto dv = at::zeros(v.sizes(), v.options());
-  AT_DISPATCH_SWITCH(q.scalar_type(), "anchor_flash_backward",
-                     AT_DISPATCH_CASE(at::kFloat, [&] {
-                       backward_impl<float>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
-                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
-                       backward_impl<double>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
-                     }));
+  TORCH_CHECK(lse.scalar_type() == compute_type(q), "anchor_flash_cpu: lse must be in the compute type");
+  AT_DISPATCH_SWITCH(
+      q.scalar_type(), "anchor_flash_backward",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        backward_impl<float, float>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
+      }) AT_DISPATCH_CASE(at::kDouble, [&] {
+        backward_impl<double, double>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
+      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        backward_impl<at::BFloat16, float>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
+      }) AT_DISPATCH_CASE(at::kHalf, [&] {
+        backward_impl<at::Half, float>(dout, q, k, v, out, lse, segs, dq, dk, dv, scale, QB, KB);
+      }));
   return {dq, dk, dv};
 }
 
