@@ -7,12 +7,11 @@ segment's own ``(l+1) x (l+1)`` mask). Trains on CPU and GPU. No softcap (SDPA c
 
 Three implementations of the same computation:
 
-* Compiled CPU kernel (``cpu_kernel``, float32/float64/bfloat16/float16 with float32 products and sums for the
-  half types, ``dropout == 0``, no effective sliding window,
-  ``mask != "full"``): ``csrc/anchor_flash_cpu.cpp`` runs the whole batch in one forward and one backward
-  call per layer, reading Q/K/V without full-size copies; the anchor is one extra key of each document's query blocks, and
-  key blocks end exactly at each query block's diagonal. JIT-built on first use; where it cannot be built
-  (no compiler), the next path runs.
+* Compiled CPU kernel (``cpu_kernel``; float32/float64, and bfloat16/float16 with float32 products and
+  sums; ``dropout == 0``, no effective sliding window, ``mask != "full"``): ``csrc/anchor_flash_cpu.cpp``
+  runs the whole batch in one forward and one backward call per layer, reading Q/K/V without full-size
+  copies; the anchor is one extra key of each document's query blocks, and key blocks end exactly at each
+  query block's diagonal. JIT-built on first use; where it cannot be built (no compiler), the next path runs.
 * Stock CPU path (same conditions): a custom autograd Function that calls the CPU flash kernel
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) per segment on
   ``[anchor] + document`` pieces (views of Q/K/V for segments without an anchor), writes outputs and
@@ -118,8 +117,8 @@ def _segment_table(layout) -> torch.Tensor:
 
 class _AnchorKernelCPU(torch.autograd.Function):
     """The compiled exact-tile kernel (``cpu_kernel``): one forward and one backward call per layer for the
-    whole batch, Q/K/V read (no full-size copies) from their ``(B, L, H, D)`` views. Saves q, k, v, out and the
-    ``(B, H, L)`` log-sum-exp."""
+    whole batch, Q/K/V read (no full-size copies) from their ``(B, L, H, D)`` views. Saves q, k, v, out and
+    the ``(B, H, L)`` log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v, segments, scale, kernel):
