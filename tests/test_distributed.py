@@ -711,7 +711,7 @@ def _worker_main(scenario: str, out: str) -> None:
 
             deepspeed.init_distributed(dist_backend="gloo")
         globals()[f"scenario_{scenario}"](rank, world, res)
-    except BaseException:
+    except BaseException:  # reported to the pytest side through the result file
         res["error"] = traceback.format_exc()
         code = 1
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

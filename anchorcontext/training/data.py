@@ -179,7 +179,7 @@ def open_documents(args: DataArguments) -> tuple[Callable[[], Iterable[dict]], s
         d = datasets.load_dataset(ds, args.dataset_config_name, split=args.dataset_split, streaming=args.streaming)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"dataset {ds!r} could not be loaded: {e}") from None
-    except Exception as e:
+    except Exception as e:  # datasets raises many types; report them all the same way
         raise ValueError(f"dataset {ds!r} could not be loaded by datasets.load_dataset: {type(e).__name__}: {e}") from None
     return (lambda: d), f"datasets:{ds}" + (f"/{args.dataset_config_name}" if args.dataset_config_name else "")
 

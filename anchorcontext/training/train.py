@@ -330,7 +330,7 @@ def _run_eval(model, tokenizer, aargs: AnchorArguments, dargs: DataArguments, se
     try:
         return evaluate(model, tokenizer, tasks=list(aargs.eval_tasks), lengths=lengths, samples=aargs.eval_samples,
                         seed=seed, out_dir=str(out_dir), ppl_samples=aargs.eval_samples, progress=False)
-    except Exception as e:
+    except Exception as e:  # an evaluation failure must not lose a finished training run
         logger.warning("anchorcontext: evaluation failed: %s: %s", type(e).__name__, e)
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
