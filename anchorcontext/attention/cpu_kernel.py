@@ -116,7 +116,10 @@ def _summary(error: str) -> str:
 
 def get():
     """The compiled module, or ``None`` when it is switched off or cannot be built (then the caller falls back)."""
-    if getattr(_local, "disabled", 0) or _mode() == "0":
+    if getattr(_local, "disabled", 0):
+        return None
+    mode = _mode()  # read once: this runs in every attention layer
+    if mode == "0":
         return None
     if not _state["tried"]:
         with _lock:
@@ -131,7 +134,7 @@ def get():
                         _summary(_state["error"]),
                     )
                 _state["tried"] = True
-    if _state["module"] is None and _mode() == "1":
+    if _state["module"] is None and mode == "1":
         raise RuntimeError(f"{ENV}=1 but the CPU attention kernel could not be built: {_state['error']}")
     return _state["module"]
 
