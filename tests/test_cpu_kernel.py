@@ -180,6 +180,44 @@ def test_kernel_builds_where_a_compiler_exists():
     module = cpu_kernel.get()
     assert module is not None, cpu_kernel._state["error"]
     assert cpu_kernel._isa()[0] in module.__name__
+    assert module.__name__ == cpu_kernel.build_name()
+
+
+def test_build_name_keys_torch_python_compiler_and_flags(monkeypatch):
+    """Venvs sharing TORCH_EXTENSIONS_DIR with another torch, Python, compiler or flags get their own build."""
+    monkeypatch.delenv("CXX", raising=False)
+    name = cpu_kernel.build_name()
+    assert name.isidentifier() and cpu_kernel._isa()[0] in name
+    assert torch.__version__.replace(".", "_").replace("+", "_") in name
+    monkeypatch.setattr(torch, "__version__", "9.9.9+cpu")
+    other_torch = cpu_kernel.build_name()
+    assert "torch9_9_9_cpu" in other_torch and other_torch != name
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "clang++")
+    assert cpu_kernel.build_name() != name
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(cpu_kernel, "CFLAGS", (*cpu_kernel.CFLAGS, "-ffast-math"))
+    assert cpu_kernel.build_name() != name
+
+
+def test_first_build_prints_one_line(monkeypatch, tmp_path, capsys):
+    """Library users see that the first call compiles for ~40 s; a cached build loads without a word."""
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    names = []
+
+    def fake_load(name, **kw):
+        names.append(name)
+        (tmp_path / name / f"{name}.so").write_bytes(b"")
+        return object()
+
+    monkeypatch.setattr(ext, "load", fake_load)
+    cpu_kernel._build()
+    assert capsys.readouterr().err.strip() == cpu_kernel.BUILD_MESSAGE
+    cpu_kernel._build()
+    assert capsys.readouterr().err == ""
+    assert names == [cpu_kernel.build_name()] * 2
 
 
 @needs_kernel

@@ -1,28 +1,27 @@
 """The compiled CPU kernel of the ``sdpa`` backend: exact causal tiles over packed segments.
 
-``csrc/anchor_flash_cpu.cpp`` is a flash-attention forward/backward for CPU that runs a whole packed
-batch in one call: every segment attends causally within itself, plus to the row's anchor token when the
-segment has one, reading Q/K/V from ``(B, L, H, D)`` memory without full-size copies (each task copies one
-segment of one head). Its key blocks end exactly at each query block's last key. torch's own CPU flash kernel (what the fallback path calls once per document)
-always computes whole 512-key blocks, so a causal call on ``n <= 512`` tokens costs a full ``n x n``
-square and a 1K-token document ~1.5x its causal pairs; on the 2-core Xeon this kernel runs 1K-token
-documents ~1.3x and 512-token documents ~1.8x faster per useful pair than torch's, and a full 8K causal
-row at the same speed (``docs/performance.md``).
+``csrc/anchor_flash_cpu.cpp`` is a flash-attention forward/backward for CPU that runs a whole packed batch in one
+call: every segment attends causally within itself, plus to the row's anchor token when the segment has one,
+reading Q/K/V from ``(B, L, H, D)`` memory without full-size copies. Its key blocks end exactly at each query
+block's last key, where torch's CPU flash kernel (the fallback, one call per document) always computes whole
+512-key blocks; that is why it is faster on short documents (figures in ``docs/performance.md``).
 
-It is JIT-compiled with ``torch.utils.cpp_extension`` on first use (~40 s with g++, cached in
-``TORCH_EXTENSIONS_DIR``; rebuilt only when the source or the flags change). Float32, float64, and
-bfloat16/float16 storage with float32 arithmetic; machines where it cannot be built use the stock-kernel path
-(same results within floating-point error; the tests run both). ``ANCHORCONTEXT_CPU_KERNEL``: unset or ``auto`` = build and use
-it when possible (a failed build logs one warning and falls back), ``0`` = never, ``1`` = required (a
-failed build raises).
+It is JIT-compiled with ``torch.utils.cpp_extension`` on first use (one line on stderr says so) and cached in
+``TORCH_EXTENSIONS_DIR`` under :func:`build_name`. That directory must be private to the user: torch loads
+whatever ``.so`` sits there. Float32, float64, and bfloat16/float16 storage with float32 arithmetic; machines
+where it cannot be built use the stock-kernel path (same results within floating-point error; the tests run
+both). ``ANCHORCONTEXT_CPU_KERNEL``: unset or ``auto`` = build and use it when possible (a failed build logs one
+warning and falls back), ``0`` = never, ``1`` = required (a failed build raises).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -34,8 +33,8 @@ logger = logging.getLogger("anchorcontext")
 
 ENV = "ANCHORCONTEXT_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "anchor_flash_cpu.cpp"
-# query rows per block (64 for segments of <= 384 tokens, chosen in the kernel) and keys per block:
-# the fastest of 64/128/256 x 256/512 measured per segment length on the 2-core Xeon (fp32, H=8, D=64)
+# query rows per block (64 for segments of <= 384 tokens, chosen in the kernel) and keys per block: the fastest
+# measured combination (docs/performance.md)
 Q_BLOCK, KV_BLOCK = 128, 512
 # storage dtypes it runs; bfloat16/float16 rows are converted to float32 per task, every product and sum is
 # float32 (the log-sum-exp too), results are rounded once to the storage type
@@ -90,18 +89,46 @@ def _ensure_ninja() -> None:
             return
 
 
+# -fno-trapping-math lets GCC vectorise the float->int step of the exponential; -fopenmp because
+# at::parallel_for is an inline `#pragma omp parallel` (without it, it runs on one thread)
+CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
+BUILD_MESSAGE = "anchorcontext: building the CPU attention kernel, ~40 s, once"
+
+
+def build_name() -> str:
+    """The extension's name, which is its directory under ``TORCH_EXTENSIONS_DIR``: the CPU ISA, the torch and
+    Python versions and a digest of the compiler and its flags, so venvs or machines sharing the directory never
+    load or rebuild each other's copy. The directory must be private to the user: torch loads whatever ``.so``
+    sits there."""
+    tag, isa = _isa()
+    compiler = os.environ.get("CXX", "c++")
+    key = " ".join([compiler, *CFLAGS, *isa, "-fopenmp", sys.version.split()[0]])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    torch_version = re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+    py = f"{sys.version_info.major}{sys.version_info.minor}"
+    return f"anchorcontext_flash_cpu_{tag}_torch{torch_version}_py{py}_{digest}"
+
+
+def _built(name: str) -> bool:
+    """Whether a build of ``name`` is already cached (then loading it takes a second, not ~40 s)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
     _ensure_ninja()
-    tag, isa = _isa()
-    logger.info("anchorcontext: loading the CPU attention kernel (compiled on first use, ~40 s)")
+    _, isa = _isa()
+    name = build_name()
+    with contextlib.suppress(Exception):
+        if not _built(name):
+            print(BUILD_MESSAGE, file=sys.stderr, flush=True)  # library users see it too, not only the CLI
     return load(
-        name=f"anchorcontext_flash_cpu_{tag}",
+        name=name,
         sources=[str(SOURCE)],
-        # -fno-trapping-math lets GCC vectorise the float->int step of the exponential; -fopenmp because
-        # at::parallel_for is an inline `#pragma omp parallel` (without it, it runs on one thread)
-        extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *isa],
+        extra_cflags=[*CFLAGS, *isa],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
