@@ -56,6 +56,7 @@ from .collator import anchor_inputs, labels_for
 from .layout import MASKS, AnchorLayout
 from .packing import doc_ids_from_lens
 
+DEFAULT_OUT = "runs/bench/results.json"  # where the CLI writes when --out is not given
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Model shapes and lengths per preset; any field given on the command line wins.
@@ -116,7 +117,7 @@ class BenchConfig:
         "returned to the OS when freed and the peak RSS tracks live tensor bytes (0: keep glibc's dynamic default, "
         "whose heap reuse mixes fragmentation into the RSS)")})
     lr: float = 1e-5
-    out: str | None = field(default=None, metadata={"help": "JSON results path (PNG beside it)"})
+    out: str | None = field(default=None, metadata={"help": f"JSON results path, PNG beside it (CLI: {DEFAULT_OUT})"})
     png: str | None = field(default=None, metadata={"help": "PNG path (default: --out with .png)"})
 
     def __post_init__(self):
@@ -809,8 +810,12 @@ def write_outputs(result: dict, cfg: BenchConfig) -> None:
 def parse_args(argv: list[str]) -> BenchConfig:
     from transformers import HfArgumentParser
 
+    from .argparsing import explain_negations
+
     parser = HfArgumentParser(BenchConfig, prog="anchorcontext bench", description=__doc__.split("\n\n")[0])
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    (cfg,) = explain_negations(parser).parse_args_into_dataclasses(args=argv)
+    if cfg.out is None:  # every subcommand writes under runs/<command>/ unless told otherwise
+        cfg.out = DEFAULT_OUT
     return cfg
 
 

