@@ -307,6 +307,37 @@ def tiny_llama(tokenizer_or_vocab_size: Any, seed: int = 0, **kw: Any) -> LlamaF
     return model.float().eval()
 
 
+# ------------------------------------------------------------------------------------------ recipe configs
+# configs/ at the repo root, shipped in the package as anchorcontext/configs (a symlink in a clone, files in a wheel)
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the recipe configs shipped with the package (``demo``, ``accelerate/ddp``, ...)."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    files = [p for p in CONFIG_DIR.rglob("*") if p.suffix in (".yaml", ".yml", ".json")]
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in files)
+
+
+def find_config(name: str | os.PathLike) -> pathlib.Path:
+    """A config file: ``name`` as a path when that file exists, else a shipped config of that name, so
+    ``--config demo`` works from ``pip install`` as ``--config configs/demo.yaml`` does from a clone.
+
+    Raises ``FileNotFoundError`` naming the value and the shipped names.
+    """
+    path = pathlib.Path(name).expanduser()
+    if path.is_file():
+        return path
+    stem = str(name).removeprefix("configs/")
+    for candidate in (CONFIG_DIR / stem, CONFIG_DIR / f"{stem}.yaml", CONFIG_DIR / f"{stem}.yml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"config {str(name)!r} is neither a file nor a shipped config (shipped: {', '.join(shipped_configs())})"
+    )
+
+
 # -------------------------------------------------------------------------------------- SmolLM2 GGUF
 
 

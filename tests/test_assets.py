@@ -318,3 +318,41 @@ def test_resolve_model_tiny_local_and_unknown(tmp_path, monkeypatch, corpus):
     assert time.perf_counter() - t0 < 10
     with pytest.raises(ValueError, match="name_or_path"):
         assets.resolve_model("")
+
+
+# ------------------------------------------------------------------------------------------ recipe configs
+
+
+def test_find_config_finds_files_and_shipped_names(tmp_path, monkeypatch):
+    repo_configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    assert assets.CONFIG_DIR.resolve() == repo_configs.resolve()  # the package's configs are the repo's
+    monkeypatch.chdir(tmp_path)  # away from the clone: only the shipped copy can answer a bare name
+    for name in ("demo", "demo.yaml", "configs/demo.yaml"):
+        assert assets.find_config(name).read_bytes() == (repo_configs / "demo.yaml").read_bytes(), name
+    assert assets.find_config("accelerate/ddp").name == "ddp.yaml"
+    own = tmp_path / "demo"  # a user's file wins over a shipped name
+    own.write_text("seq_len: 64\n")
+    assert assets.find_config("demo").resolve() == own.resolve()
+    with pytest.raises(FileNotFoundError, match=r"'nope' is neither a file nor a shipped config.*demo, "):
+        assets.find_config("nope")
+
+
+def test_train_config_takes_a_shipped_name(tmp_path, monkeypatch):
+    from anchorcontext.training.args import load_config
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    expected = load_config(repo / "configs" / "demo.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo") == expected and expected
+
+
+def test_package_data_ships_every_config():
+    """pyproject's package-data globs cover every file under configs/ (so a wheel holds all of them)."""
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["anchorcontext"]
+    files = [str(p.relative_to(repo)) for p in (repo / "configs").rglob("*") if p.is_file()]
+    assert files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []

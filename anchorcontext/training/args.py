@@ -238,9 +238,9 @@ def load_config(path: str | os.PathLike) -> dict:
     """Read a YAML config: a flat mapping of option names to values. Unknown keys raise ``ValueError``."""
     import yaml
 
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    from ..assets import find_config
+
+    p = find_config(pathlib.Path(path))  # a file, or a recipe config shipped in the package (`--config demo`)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
