@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anchorcontext.attention import cpu_kernel, flex_attention_backend, sdpa_attention, varlen_attention
 from anchorcontext.attention import varlen as _varlen
 from anchorcontext.attention.flex import block_mask_for
-from anchorcontext.bench import PeakMemory, machine_info
 from anchorcontext.layout import AnchorLayout
+from anchorcontext.measure import PeakMemory, machine_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,7 +78,7 @@ def lognormal_doc_ids(length: int, mean: float, sigma: float, generator: torch.G
 # -------------------------------------------------------------------------------------------- memory
 def peak_increase(mem: PeakMemory, fn) -> int | None:
     """Peak memory increase of one call of ``fn`` over the state just before it (bytes; ``None`` where
-    :class:`anchorcontext.bench.PeakMemory` cannot measure)."""
+    :class:`anchorcontext.measure.PeakMemory` cannot measure)."""
     before = mem.start()
     fn()
     peak = mem.stop()
