@@ -401,7 +401,7 @@ def test_non_empty_output_dir_is_refused_before_training(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"output_dir .*run.* is not empty.*--overwrite_output_dir.*--resume_from"):
+    with pytest.raises(ValueError, match=r"output_dir .*run.* is not empty.*--resume_from_checkpoint.*--overwrite_output_dir"):
         run(*_args(tmp_path, "--max_steps", "1"))
     assert (out / "summary.json").read_text() == "{}"  # nothing overwritten
 
@@ -413,7 +413,7 @@ def test_resume_names_the_arguments_that_differ_from_the_checkpoints_run(tmp_pat
     ck = _fake_checkpoint(tmp_path / "run", 3)
     record_run_args(ck, m, d, a, t)
     check_resume_matches(ck, *_args(tmp_path, "--max_steps", "6", "--learning_rate", "2e-3", "--threads", "2"))
-    with pytest.raises(ValueError, match=r"checkpoint-3.*max_steps: 6 in the checkpoint's run, 9 now.*learning_rate"):
+    with pytest.raises(ValueError, match=r"checkpoint-3.*learning_rate: 0.002 in the checkpoint's run, 0.001 now; max_steps: 6 .*, 9 now"):
         check_resume_matches(ck, *_args(tmp_path, "--max_steps", "9", "--learning_rate", "1e-3"))
 
 

@@ -103,14 +103,35 @@ def sotu_documents(root: str | None = None) -> list[dict]:
     return docs
 
 
+class Record(dict):
+    """A record read from a data file, with ``where`` (``"data file 'x.jsonl' line 38"``) for error messages."""
+
+    where: str = ""
+
+
+def _record(rec: dict, where: str) -> Record:
+    r = Record(rec)
+    r.where = where
+    return r
+
+
 def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Records of a ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.jsonl`` file, with line numbers in errors."""
+    """Records of a ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.jsonl`` file, with line numbers in errors.
+
+    Each record carries its file and line (:class:`Record`), so a bad record found later (a missing text field,
+    also while streaming) is reported where it is, not by its position among the documents.
+    """
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
     if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"data file {str(p)!r} line {n} is not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                                     f"column {e.start + 1}); re-encode the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -119,12 +140,14 @@ def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
                     raise ValueError(f"data file {str(p)!r} line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
                 if not isinstance(rec, dict):
                     raise ValueError(f"data file {str(p)!r} line {n} must be a JSON object, got {type(rec).__name__}")
-                yield rec
+                yield _record(rec, f"data file {str(p)!r} line {n}")
         return
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"data file {str(p)!r} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {str(p)!r} is not valid UTF-8 (byte offset {e.start}); re-encode it as UTF-8") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -132,7 +155,7 @@ def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
     for n, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise ValueError(f"data file {str(p)!r} record {n} must be a JSON object, got {type(rec).__name__}")
-        yield rec
+        yield _record(rec, f"data file {str(p)!r} record {n}")
 
 
 def _looks_like_path(s: str) -> bool:
@@ -210,12 +233,13 @@ def _split(records: Iterable[dict], args: DataArguments, seed: int, heldout: boo
 def _check_record(rec: dict, args: DataArguments, n: int) -> str:
     if args.tokens_field in rec:
         return "tokens"
+    where = getattr(rec, "where", "") or f"document {n}"
     if args.text_field in rec:
         if not isinstance(rec[args.text_field], str):
-            raise ValueError(f"document {n}: field {args.text_field!r} must be a string, got {type(rec[args.text_field]).__name__}")
+            raise ValueError(f"{where}: field {args.text_field!r} must be a string, got {type(rec[args.text_field]).__name__}")
         return "text"
     raise ValueError(
-        f"document {n} has no text field {args.text_field!r} (nor token field {args.tokens_field!r}); "
+        f"{where} has no text field {args.text_field!r} (nor token field {args.tokens_field!r}); "
         f"its fields are {sorted(rec)}. Set --text_field to the field holding the text"
     )
 

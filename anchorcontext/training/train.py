@@ -224,21 +224,30 @@ class ThroughputCallback(TrainerCallback):
 
 
 class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: ``KeyboardInterrupt`` at once."""
+    """Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop. A second Ctrl-C: ``KeyboardInterrupt`` at once.
+
+    ``signal`` names the signal received (``"SIGINT"`` / ``"SIGTERM"``), so the CLI exits 130 / 143 after saving.
+    """
 
     def __init__(self):
         self.interrupted = False
-        self._previous = None
+        self.signal: str | None = None
+        self._previous = {}
 
     def _handler(self, signum, frame):
         self.interrupted = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-        print("\n[anchorcontext] Ctrl-C: finishing this step, saving a checkpoint and stopping "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT) or signal.default_int_handler)
+        print(f"\n[anchorcontext] {self.signal}: finishing this step, saving a checkpoint and stopping"
+              + (" (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""),
+              file=sys.stderr, flush=True)
 
     def on_train_begin(self, args, state, control, **kw):
-        if signal.getsignal(signal.SIGINT) is not None and _main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not None:
+                    self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_step_end(self, args, state, control, **kw):
         if self.interrupted:
@@ -246,9 +255,10 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kw):
-        if self._previous is not None and _main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if _main_thread():
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)
+        self._previous = {}
 
 
 def _main_thread() -> bool:
@@ -260,30 +270,129 @@ def _main_thread() -> bool:
 # --------------------------------------------------------------------------------------------- run
 
 
-def _resolve_resume(training_args) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _complete(ckpt: pathlib.Path) -> bool:
+    """A checkpoint whose save finished: ``trainer_state.json`` is the file the Trainer writes last."""
+    return (ckpt / "trainer_state.json").is_file()
 
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` with a ``trainer_state.json``; torn ones (a save killed midway) are skipped with a warning."""
+    ckpts = sorted((p for p in pathlib.Path(output_dir).glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-", 1)[1].isdigit()), key=lambda p: int(p.name.split("-", 1)[1]))
+    for ck in reversed(ckpts):
+        if _complete(ck):
+            return str(ck)
+        logger.warning("anchorcontext: skipping %s: incomplete checkpoint (no trainer_state.json; its save was "
+                       "interrupted)", ck)
+    return None
+
+
+def _resolve_resume(training_args) -> str | None:
     r = training_args.resume_from_checkpoint
     if r is None or (isinstance(r, str) and r.lower() in ("", "false", "no", "none")):
         return None
+    out = training_args.output_dir
     if isinstance(r, bool) or r.lower() in ("last", "latest", "true", "yes"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(out) if os.path.isdir(out) else None
         if last is None:
-            raise FileNotFoundError(f"resume_from_checkpoint={r!r}: no checkpoint-* directory in {training_args.output_dir!r}")
+            torn = sorted(p.name for p in pathlib.Path(out).glob("checkpoint-*")) if os.path.isdir(out) else []
+            extra = f" ({', '.join(torn)}: incomplete, no trainer_state.json)" if torn else ""
+            raise FileNotFoundError(f"resume_from_checkpoint={r!r}: no checkpoint-* directory to resume in {out!r}{extra}")
         return last
     if not os.path.isdir(r):
         raise FileNotFoundError(f"resume_from_checkpoint {r!r} is not a checkpoint directory")
+    if not _complete(pathlib.Path(r)):
+        raise FileNotFoundError(f"resume_from_checkpoint {r!r} is incomplete: no trainer_state.json (its save was "
+                                "interrupted); pick an earlier checkpoint")
     return r
+
+
+RUN_ARGS_FILE = "anchorcontext_args.json"
+# Options that may change between a run and its resumption (where files go, how much is printed or evaluated).
+RESUME_MAY_DIFFER = {
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "threads", "plots", "dry_run", "eval_before_after",
+    "eval_tasks", "eval_lengths", "eval_samples", "logging_steps", "logging_dir", "report_to", "run_name",
+    "disable_tqdm", "save_steps", "save_total_limit", "dataloader_num_workers", "per_device_eval_batch_size",
+    "eval_steps", "eval_strategy", "hub_token", "push_to_hub", "max_eval_rows", "local_rank",
+}
+
+
+def _run_args(margs, dargs, aargs, training_args) -> dict:
+    out = {}
+    for part in (vars(margs), vars(dargs), vars(aargs), training_args.to_dict()):
+        out.update({k: _jsonable(v) for k, v in part.items() if k not in RESUME_MAY_DIFFER})
+    return out
+
+
+def record_run_args(directory, margs, dargs, aargs, training_args) -> None:
+    """Write the run's options into ``directory`` (each checkpoint) so a resumption can be checked against them."""
+    pathlib.Path(directory, RUN_ARGS_FILE).write_text(json.dumps(_run_args(margs, dargs, aargs, training_args), indent=1))
+
+
+def check_resume_matches(checkpoint, margs, dargs, aargs, training_args) -> None:
+    """Refuse to resume a checkpoint written by a run with other options; the error names each difference."""
+    f = pathlib.Path(checkpoint, RUN_ARGS_FILE)
+    if not f.is_file():
+        logger.warning("anchorcontext: %s has no %s: cannot check that it belongs to this run", checkpoint, RUN_ARGS_FILE)
+        return
+    then = json.loads(f.read_text())
+    now = _run_args(margs, dargs, aargs, training_args)
+    diff = [f"{k}: {then.get(k)!r} in the checkpoint's run, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
+            if then.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume {str(checkpoint)!r}: it was written by a run with other options ("
+                         + "; ".join(diff) + "). Use the same options, or a new --output_dir")
+
+
+class RecordArgsCallback(TrainerCallback):
+    """Writes the run's options into every checkpoint it saves (see :func:`check_resume_matches`)."""
+
+    def __init__(self, *run_args):
+        self.record = _run_args(*run_args)
+
+    def on_save(self, args, state, control, **kw):
+        ck = pathlib.Path(args.output_dir, f"checkpoint-{state.global_step}")
+        if ck.is_dir() and state.is_world_process_zero:
+            (ck / RUN_ARGS_FILE).write_text(json.dumps(self.record, indent=1))
+
+
+def check_output_dir(out: pathlib.Path, resume: str | None, overwrite: bool, *, model_bytes: int = 0) -> None:
+    """Refuse a non-empty output dir (unless resumed or overwritten) and an unwritable or full one, before training."""
+    if out.is_dir() and any(out.iterdir()) and resume is None and not overwrite:
+        held = sorted(p.name for p in out.iterdir())[:5]
+        raise ValueError(f"output_dir {str(out)!r} is not empty (holds {', '.join(held)}); continue it with "
+                         "--resume_from_checkpoint last, write over it with --overwrite_output_dir true, or pick a "
+                         "new --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".anchorcontext-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output_dir {str(out)!r} is not writable: {e.strerror or e}") from None
+    import shutil
+
+    free = shutil.disk_usage(out).free
+    if model_bytes and free < model_bytes:
+        raise ValueError(f"output_dir {str(out)!r} has {free / 2**30:.2f} GiB free; one checkpoint (weights + "
+                         f"optimizer state) needs about {model_bytes / 2**30:.2f} GiB")
 
 
 def _world_dp(training_args, sp_size: int) -> int:
     return max(1, int(getattr(training_args, "world_size", 1) or 1) // sp_size)
 
 
+def tokens_per_step(dargs: DataArguments, training_args, sp_size: int) -> int:
+    """Tokens per optimizer step: ``seq_len x per_device_train_batch_size x accumulation x data-parallel ranks``."""
+    return (dargs.seq_len * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * _world_dp(training_args, sp_size))
+
+
 def apply_tokens_per_step(aargs: AnchorArguments, dargs: DataArguments, training_args) -> None:
+    """Derive ``gradient_accumulation_steps`` from ``tokens_per_step`` (when set); it must divide exactly."""
     if aargs.tokens_per_step is None:
         return
-    per_micro = dargs.seq_len * training_args.per_device_train_batch_size * _world_dp(training_args, aargs.sp_size)
+    per_micro = tokens_per_step(dargs, training_args, aargs.sp_size) // training_args.gradient_accumulation_steps
     if aargs.tokens_per_step % per_micro:
         raise ValueError(
             f"tokens_per_step={aargs.tokens_per_step} is not a multiple of seq_len x per_device_train_batch_size x "
@@ -303,8 +412,7 @@ def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments,
         "parameters": n,
         "rope": rope_summary(model.config),
         "seq_len": dargs.seq_len,
-        "tokens_per_step": dargs.seq_len * training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps * _world_dp(training_args, aargs.sp_size),
+        "tokens_per_step": tokens_per_step(dargs, training_args, aargs.sp_size),
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "max_steps": training_args.max_steps,
         "learning_rate": training_args.learning_rate,
@@ -400,16 +508,22 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
         setattr(training_args, ckpt_kw + "_kwargs", {"use_reentrant": False})
     resume = _resolve_resume(training_args)
     out = pathlib.Path(training_args.output_dir)
-    if resume is None and out.is_dir() and any(out.glob("checkpoint-*")):
-        logger.warning("anchorcontext: %s already holds checkpoints; this run starts from scratch "
-                       "(use --resume_from_checkpoint last to continue)", out)
+    check_output_dir(out, resume, aargs.overwrite_output_dir)
+    if resume is None and any(out.glob("checkpoint-*")):
+        logger.warning("anchorcontext: --overwrite_output_dir: %s holds checkpoints of an earlier run; this run starts "
+                       "from scratch and writes over them", out)
     apply_tokens_per_step(aargs, dargs, training_args)
+    if resume is not None:
+        check_resume_matches(resume, margs, dargs, aargs, training_args)
+    record_args = RecordArgsCallback(margs, dargs, aargs, training_args)  # before sequence parallelism edits them
     set_seed(training_args.seed)
 
     t0 = time.perf_counter()
     model, tokenizer, source = build_model(margs, seed=training_args.seed)
     t_model = time.perf_counter() - t0
     rope_warning = check_rope_range(model.config, dargs.seq_len)
+    # one checkpoint: the weights plus Adam's two moments, in the weights' dtype or float32
+    check_output_dir(out, resume, True, model_bytes=sum(p.numel() * (p.element_size() + 8) for p in model.parameters()))
     patch_model(model, backend=aargs.attn_backend)
     if aargs.sp_size > 1:
         try:
@@ -426,11 +540,10 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
     t_data = time.perf_counter() - t0
     collator = AnchorCollator(tokenizer=tokenizer, mask=aargs.mask, positions=aargs.positions,
                               pad_to_multiple_of=aargs.sp_size if aargs.sp_size > 1 else None)
-    tokens_per_step = (dargs.seq_len * training_args.per_device_train_batch_size
-                       * training_args.gradient_accumulation_steps * _world_dp(training_args, aargs.sp_size))
+    step_tokens = tokens_per_step(dargs, training_args, aargs.sp_size)
     if data.train_rows is None and training_args.max_steps <= 0:
         raise ValueError("streaming=True needs max_steps > 0 (a stream has no length)")
-    throughput = ThroughputCallback(tokens_per_step)
+    throughput = ThroughputCallback(step_tokens)
     interrupt = InterruptCallback()
     trainer = Trainer(
         model=model,
@@ -439,7 +552,7 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
         eval_dataset=data.eval,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[*(callbacks or []), throughput, interrupt],
+        callbacks=[*(callbacks or []), throughput, interrupt, record_args],
     )
     main = trainer.is_world_process_zero()
     if main:
@@ -457,7 +570,10 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
     t_eval_before = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except Exception as e:
+        raise _save_after_failure(trainer, e) from e
     t_train = time.perf_counter() - t0
     interrupted = interrupt.interrupted
 
@@ -496,9 +612,10 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
                  "eval_rows": None if data.eval is None else len(data.eval), "rows_fingerprint": data.fingerprint,
                  "packing": data.stats},
         "steps": trainer.state.global_step,
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_step": step_tokens,
         "resumed_from": resume,
         "interrupted": interrupted,
+        "signal": interrupt.signal,
         "checkpoint": last_ckpt,
         "losses": losses,
         "first_loss": losses[0]["loss"] if losses else None,
@@ -528,6 +645,29 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
             print(f"[anchorcontext] interrupted at step {summary['steps']}; checkpoint {last_ckpt}. Resume with:\n"
                   f"  anchorcontext train ... --output_dir {out} --resume_from_checkpoint last", file=sys.stderr)
     return summary
+
+
+def _save_after_failure(trainer, error: Exception) -> Exception:
+    """Save a resumable checkpoint at the last finished step, then return ``error`` with where the run can resume.
+
+    The exception (e.g. a bad record late in a streaming dataset, whose message names its file and line) is
+    re-raised with the checkpoint's path added, so no finished step is lost.
+    """
+    step = trainer.state.global_step
+    where = "no checkpoint (no step had finished)"
+    if step > 0:
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            where = f"checkpoint {os.path.join(trainer.args.output_dir, f'checkpoint-{step}')} saved at step {step}; " \
+                    "fix the cause and resume with --resume_from_checkpoint last"
+        except Exception as save_error:  # report the training error, not the failed save
+            where = f"saving a checkpoint failed too ({type(save_error).__name__}: {save_error})"
+    logger.error("anchorcontext: training failed at step %d: %s: %s; %s", step, type(error).__name__, error, where)
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(f"{error} ({where})")
+    if isinstance(error, ValueError):
+        return ValueError(f"{error} ({where})")
+    return RuntimeError(f"training failed at step {step}: {type(error).__name__}: {error} ({where})")
 
 
 def _jsonable(v):
