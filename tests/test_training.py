@@ -497,3 +497,11 @@ def test_bad_record_late_in_a_stream_saves_a_checkpoint_and_names_the_line(tmp_p
     assert "checkpoint" in str(e.value)
     cks = sorted((tmp_path / "run").glob("checkpoint-*"))
     assert cks and (cks[-1] / "trainer_state.json").is_file(), cks
+
+
+def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
+    from anchorcontext.cli import main
+
+    rc = main(["eval", "--model", str(tmp_path / "nonexistent"), "--tasks", "passkey", "--lengths", "128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nonexistent" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
