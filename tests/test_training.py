@@ -505,3 +505,14 @@ def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "nonexistent"), "--tasks", "passkey", "--lengths", "128"])
     err = capsys.readouterr().err
     assert rc == 2 and "nonexistent" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_training_holds_out_the_same_documents_as_assets_heldout_split():
+    from anchorcontext.assets import heldout_split
+    from anchorcontext.training.data import _split
+
+    docs = [{"name": f"mod{i}.py", "text": "x"} for i in range(200)]
+    for seed, fraction in ((0, 0.05), (3, 0.3)):
+        want = [d["name"] for d in heldout_split(docs, fraction, seed)[1]]
+        got = [d["name"] for d in _split(docs, DataArguments(eval_fraction=fraction), seed, heldout=True)]
+        assert got == want and 0 < len(want) < len(docs)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..assets import _cache_root, is_heldout
 from ..packing import DocumentPacker, PackStats, anchor_token_id
 from .args import DataArguments
 
@@ -62,11 +63,6 @@ class TrainData:
 
 
 # ------------------------------------------------------------------------------------------- sources
-
-
-def _cache_root() -> pathlib.Path:
-    env = os.environ.get("ANCHORCONTEXT_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "anchorcontext"
 
 
 def python_doc_documents(root: str | None = None) -> list[dict]:
@@ -208,14 +204,6 @@ def open_documents(args: DataArguments) -> tuple[Callable[[], Iterable[dict]], s
 
 
 # ------------------------------------------------------------------------------------------- split
-
-
-def is_heldout(key: str, fraction: float, seed: int) -> bool:
-    """Stable hash split: ``sha256(f"{seed}:{key}")`` mapped to [0, 1) below ``fraction``."""
-    if fraction <= 0:
-        return False
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
-    return u < fraction
 
 
 def _split(records: Iterable[dict], args: DataArguments, seed: int, heldout: bool) -> Iterator[dict]:
