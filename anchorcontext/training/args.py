@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..layout import MASKS
-from ..packing import POSITIONS
+from ..layout import check_mask
+from ..packing import check_positions
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Which rope types transformers knows (`rope_scaling={"rope_type": ...}`); "default" = plain RoPE.
@@ -198,10 +198,8 @@ class AnchorArguments:
     )
 
     def __post_init__(self):
-        if self.mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        check_mask(self.mask)
+        check_positions(self.positions)
         from ..attention.dispatch import BACKENDS
 
         if self.attn_backend != "auto" and self.attn_backend not in BACKENDS:
