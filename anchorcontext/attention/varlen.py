@@ -110,7 +110,8 @@ def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, 
         else:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
-    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    with varlen_merge.pin_flash():  # torch may pick cuDNN (wrong on unaligned inputs, pytorch #194818)
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -1,0 +1,73 @@
+"""GPU tier: the gather-free varlen merge path and the flash pin of torch's ``varlen_attn``, in bfloat16.
+
+Skipped without CUDA. Tolerances and cases as in ``test_gpu_backends.py``. ``UNALIGNED`` has odd segment lengths,
+none a multiple of 8, so every segment after the first starts at an odd token offset (pytorch #194818: cuDNN's
+varlen kernel was silently wrong on unaligned inputs; we pin flash and check the result).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_gpu_backends import CASES, DEV, VARIANTS, L, check_against_oracle, make_qkv, row
+
+from anchorcontext import AnchorLayout
+from anchorcontext.attention import varlen, varlen_attention, varlen_merge
+
+pytestmark = pytest.mark.gpu
+
+UNALIGNED = {
+    "odd_unaligned": [row([3, 5, 7, 127, 129, 1, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27]), row([L - 2])],
+}
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+
+
+# the merge path has no softcap: VARIANTS without it, plus GQA with a window
+MERGE_VARIANTS = {n: v for n, v in VARIANTS.items() if "softcap" not in v[2]}
+MERGE_VARIANTS["anchor_gqa_window"] = ("anchor", (8, 2), dict(sliding_window=37))
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(UNALIGNED))
+@pytest.mark.parametrize("variant", list(MERGE_VARIANTS))
+def test_varlen_merge_gpu_matches_reference(variant, case):
+    mode, (H, Hkv), kw = MERGE_VARIANTS[variant]
+    ids = {**CASES, **UNALIGNED}[case]
+    layout = AnchorLayout.from_doc_ids(torch.tensor(ids), mode)
+    q, k, v = make_qkv(2, H, Hkv)
+    check_against_oracle(varlen_merge.varlen_merge_attention, q, k, v, layout, **kw)
+
+
+@pytest.mark.parametrize("impl", ["gather", "merge"])
+@pytest.mark.parametrize("variant", ["anchor", "anchor_gqa_window"])
+def test_varlen_unaligned_odd_segments(impl, variant):
+    """backend='varlen' through either path on odd, unaligned segments; torch's kernel is pinned to flash."""
+    if varlen.unavailable_reason(torch.device(DEV), dtype=torch.bfloat16) is not None:
+        pytest.skip("no varlen kernel")
+    (H, Hkv), kw = ((4, 4), {}) if variant == "anchor" else ((8, 2), dict(sliding_window=37))
+    layout = AnchorLayout.from_doc_ids(torch.tensor(UNALIGNED["odd_unaligned"]))
+    q, k, v = make_qkv(2, H, Hkv)
+    with varlen_merge.use_impl(impl):
+        check_against_oracle(varlen_attention, q, k, v, layout, **kw)
+
+
+def test_torch_varlen_runs_flash_under_the_pin(caplog):
+    """torch's varlen_attn logs the kernel it runs: under the pin, flash and never cuDNN (forward and backward)."""
+    fn, src = varlen.flash_attn_func()
+    if fn is not None or varlen.torch_varlen_func()[0] is None:
+        pytest.skip(f"the gather path uses {src}, not torch's varlen_attn")
+    print("torch varlen could pick cuDNN unpinned:", varlen_merge.torch_varlen_cudnn_possible(torch.device(DEV)))
+    layout = AnchorLayout.from_doc_ids(torch.tensor(UNALIGNED["odd_unaligned"]))
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 4))
+    with caplog.at_level(logging.INFO, logger="torch.nn.attention.varlen"), varlen_merge.use_impl("gather"):
+        varlen_attention(q, k, v, layout).float().sum().backward()
+    msgs = [r.getMessage() for r in caplog.records if r.name.startswith("torch.nn.attention")]
+    assert any("Flash" in m for m in msgs), msgs
+    assert not any("cuDNN" in m or "cudnn" in m for m in msgs), msgs
