@@ -17,6 +17,9 @@ import torch
 
 from ._common import check_options, check_qkv, default_scaling
 
+# FlexAttention ``kernel_options`` for every call (None: torch's defaults); benchmarks time variants side by side
+KERNEL_OPTIONS: dict | None = None
+
 
 @functools.cache
 def _compiled_flex():
@@ -105,6 +108,6 @@ def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=N
 
     out = _compiled_flex()(
         query, key, value, score_mod=score_mod, block_mask=bm, scale=default_scaling(scaling, D),
-        enable_gqa=Hkv != H,
+        enable_gqa=Hkv != H, kernel_options=KERNEL_OPTIONS,
     )
     return out.transpose(1, 2)
