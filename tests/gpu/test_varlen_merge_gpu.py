@@ -71,3 +71,18 @@ def test_torch_varlen_runs_flash_under_the_pin(caplog):
     msgs = [r.getMessage() for r in caplog.records if r.name.startswith("torch.nn.attention")]
     assert any("Flash" in m for m in msgs), msgs
     assert not any("cuDNN" in m or "cudnn" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize(("mode", "options"), [
+    ("anchor", {"ROWS_GUARANTEED_SAFE": True}),
+    ("intra_doc", {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}),
+])
+def test_flex_kernel_option_variants_match_reference(mode, options, monkeypatch):
+    """The FlexAttention kernel_options the benchmark times are promises about the mask: they must keep the result
+    (every query sees itself: rows are safe; intra_doc's kv blocks per query block are one contiguous run)."""
+    from anchorcontext.attention import flex, flex_attention_backend
+
+    monkeypatch.setattr(flex, "KERNEL_OPTIONS", options)
+    layout = AnchorLayout.from_doc_ids(torch.tensor(CASES["odd_lengths+single_doc"], device=DEV), mode)
+    q, k, v = make_qkv(2, 4, 4)
+    check_against_oracle(flex_attention_backend, q, k, v, layout)
