@@ -185,17 +185,20 @@ class _MergeFn(torch.autograd.Function):
         if merge is None:  # no anchor key: the kernel's own output and LSE
             ctx.save_for_backward(q, k, v, out_d, lse_d, None, cu)
             return out_d
-        ka = k.view(B, -1, Hkv, D)[:, 0].to(acc)  # (B, Hkv, D): each row's anchor key
-        va = v.view(B, -1, Hkv, D)[:, 0].to(acc)
+        # Memory traffic matters here (these passes are bandwidth-bound beside the kernel): products of
+        # half-precision tensors run in their dtype with float32 accumulation (matmuls), elementwise merges promote
+        # to float32 without a float32 copy of q or out.
+        ka = k.view(B, -1, Hkv, D)[:, 0]  # (B, Hkv, D): each row's anchor key and value
+        va = v.view(B, -1, Hkv, D)[:, 0]
         q5 = q.view(B, -1, Hkv, G, D)
-        s = torch.einsum("blhgd,bhd->blhg", q5.to(acc), ka).reshape(T, H) * scale
+        s = torch.einsum("blhgd,bhd->blhg", q5, ka).reshape(T, H).to(acc) * scale
         s = s.masked_fill(~merge[:, None], float("-inf"))
         lse_dt = lse_d.transpose(0, 1).to(acc)  # (T, H)
         lse = torch.logaddexp(lse_dt, s)
         w_d, p_a = torch.exp(lse_dt - lse), torch.exp(s - lse)
-        out = w_d[..., None] * out_d.to(acc)
-        out = out.view(B, -1, Hkv, G, D).add_(p_a.view(B, -1, Hkv, G, 1) * va[:, None, :, None, :])
-        out = out.reshape(T, H, D).to(q.dtype)
+        out = out_d * w_d[..., None]  # promoted to acc
+        out.view(B, -1, Hkv, G, D).addcmul_(p_a.view(B, -1, Hkv, G, 1), va.to(acc)[:, None, :, None, :])
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse.transpose(0, 1).contiguous(), p_a, cu)  # LSE as the kernel's (H, T)
         return out
 
@@ -211,18 +214,19 @@ class _MergeFn(torch.autograd.Function):
         dq, dk, dv = ctx.kern.backward(dout, q, k, v, out, lse, cu, ctx.max_len, scale, ctx.window)
         if p_a is None:
             return dq, dk, dv, None, None, None, None, None, None, None
-        # the anchor key's terms: dS = P (dP - rowsum(dO * O)), all in float32
-        ka = k.view(B, -1, Hkv, D)[:, 0].to(acc)
-        va = v.view(B, -1, Hkv, D)[:, 0].to(acc)
-        do5 = dout.view(B, -1, Hkv, G, D).to(acc)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1).view(B, -1, Hkv, G)
+        # the anchor key's terms: dS = P (dP - rowsum(dO * O)); float32 accumulation, as in forward
+        ka = k.view(B, -1, Hkv, D)[:, 0]
+        va = v.view(B, -1, Hkv, D)[:, 0]
+        do5 = dout.view(B, -1, Hkv, G, D)
+        delta = torch.mul(dout, out).sum(-1, dtype=acc).view(B, -1, Hkv, G)
         pa = p_a.view(B, -1, Hkv, G)
-        dp = torch.einsum("blhgd,bhd->blhg", do5, va)
+        dp = torch.einsum("blhgd,bhd->blhg", do5, va).to(acc)
         ds = pa * (dp - delta)
-        dq = (dq.to(acc).reshape(B, -1, Hkv, G, D) + scale * ds[..., None] * ka[:, None, :, None, :])
+        dq = torch.addcmul(dq.reshape(B, -1, Hkv, G, D), ds[..., None], scale * ka.to(acc)[:, None, :, None, :])
         dq = dq.reshape(T, H, D).to(q.dtype)
-        dk_a = scale * torch.einsum("blhg,blhgd->bhd", ds, q.view(B, -1, Hkv, G, D).to(acc))
-        dv_a = torch.einsum("blhg,blhgd->bhd", pa, do5)
+        q5 = q.view(B, -1, Hkv, G, D)
+        dk_a = scale * torch.einsum("blhg,blhgd->bhd", ds.to(q.dtype), q5).to(acc)
+        dv_a = torch.einsum("blhg,blhgd->bhd", pa.to(q.dtype), do5).to(acc)
         dk, dv = dk.contiguous(), dv.contiguous()  # the kernel's fresh gradients, updated in place
         dk5, dv5 = dk.view(B, -1, Hkv, D), dv.view(B, -1, Hkv, D)
         dk5[:, 0] = (dk5[:, 0].to(acc) + dk_a).to(dk.dtype)  # one rounding of the anchor's whole gradient
