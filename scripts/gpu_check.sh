@@ -14,8 +14,8 @@
 # CPU dry run with tiny sizes (checks the script end to end here):
 #   bash scripts/gpu_check.sh --dry-run        (or GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh)
 # Knobs: OUT (default ./gpu_check_out), PYTHON (default: the first of python, python3, .venv/bin/python that
-# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 520); per stage GPU_PYTEST_S, GPU_ATT_S, GPU_TRAIN_S,
-# GPU_TRAIN_MERGE_S, GPU_FLEX_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_ATT_LENGTHS (default
+# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 530); per stage GPU_PYTEST_S, GPU_ATT_S, GPU_TRAIN_S,
+# GPU_TRAIN_MERGE_S, GPU_FLEX_S, GPU_FLEX_INTRA_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_ATT_LENGTHS (default
 # 8192,16384,32768,65536,131072), GPU_FLEX_LENGTHS (default 8192,65536), GPU_TRAIN_LENGTHS (default
 # "65536 32768 8192"), GPU_TRAIN_MERGE_LENGTHS (default "65536 8192"), GPU_TRAIN_EXTRA (more train_step flags).
 set -u -o pipefail
@@ -45,7 +45,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 PYTHON="${PYTHON:-python3}"
 
-BUDGET="${GPU_CHECK_BUDGET_S:-520}"
+BUDGET="${GPU_CHECK_BUDGET_S:-530}"
 T0=$SECONDS
 STATUS=()
 
@@ -169,7 +169,7 @@ print("backend auto on", dev, "->", resolve_backend("auto", dev))
 EOF
 
 # -------------------------------------------------------------------------------------------- 2. tests
-run_stage pytest_gpu "${GPU_PYTEST_S:-120}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
+run_stage pytest_gpu "${GPU_PYTEST_S:-170}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
   -rs --durations=15 ${GPU_PYTEST_ARGS:-tests/gpu}
 
 # ------------------------------------------------------------------ 3. attention kernels: varlen gather vs merge
@@ -177,11 +177,11 @@ run_stage attention "${GPU_ATT_S:-80}" "$OUT/attention_cuda.log" "$PYTHON" bench
   --out "$OUT/attention_cuda.json"
 
 # ---------------------------------------------------------------------------------------- 4. training step
-run_stage train_step "${GPU_TRAIN_S:-130}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
+run_stage train_step "${GPU_TRAIN_S:-120}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
   "${TRAIN_ARGS[@]}" --out "$OUT/train_step_cuda.json" --png "$TMPD/train_step_cuda.png"
 if (( ${#TRAIN_MERGE_ARGS[@]} )); then
   export ANCHORCONTEXT_VARLEN_IMPL=merge
-  run_stage train_step_merge "${GPU_TRAIN_MERGE_S:-50}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
+  run_stage train_step_merge "${GPU_TRAIN_MERGE_S:-45}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
     "${TRAIN_MERGE_ARGS[@]}" --out "$OUT/train_step_merge_cuda.json" --png "$TMPD/train_step_merge_cuda.png"
   unset ANCHORCONTEXT_VARLEN_IMPL
 else
@@ -190,9 +190,9 @@ fi
 
 # ------------------------------------------------ 5. FlexAttention kernel_options variants (compile-heavy: last)
 # anchor: default, ROWS_GUARANTEED_SAFE, 64x64 blocks, FA4 (BACKEND=FLASH); intra_doc: default, BLOCKS_ARE_CONTIGUOUS
-run_stage flex_anchor "${GPU_FLEX_S:-150}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${FLEX_ARGS[@]}" \
+run_stage flex_anchor "${GPU_FLEX_S:-100}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${FLEX_ARGS[@]}" \
   --masks anchor --backends flex,flex_safe,flex_b64,flex_fa4 --out "$TMPD/attention_flex_anchor.json"
-run_stage flex_intra_doc "${GPU_FLEX_S:-150}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py \
+run_stage flex_intra_doc "${GPU_FLEX_INTRA_S:-60}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py \
   "${FLEX_ARGS[@]}" --masks intra_doc --backends flex,flex_contig --out "$TMPD/attention_flex_intra_doc.json"
 # one attention JSON: the flex rows join the varlen ones (each run's own config is kept under "runs")
 "$PYTHON" scripts/merge_bench_json.py "$OUT/attention_cuda.json" "$TMPD/attention_flex_anchor.json" \
