@@ -12,7 +12,15 @@ import flash_standin
 import pytest
 import torch
 import varlen_kernel_standin
-from test_backends import CASES, L, check_against_oracle, doc_ids, make_qkv
+from test_backends import (
+    CASES,
+    L,
+    check_against_oracle,
+    doc_ids,
+    fake_cuda_torch_varlen,  # noqa: F401  (a fixture)
+    make_qkv,
+    torch_2_12_varlen,
+)
 
 from anchorcontext import AnchorLayout
 from anchorcontext.attention import reference_attention, varlen, varlen_attention, varlen_merge
@@ -136,3 +144,26 @@ def test_merge_refuses_what_it_cannot_run(kernel):
     varlen_merge._KERNEL_OVERRIDE = None  # restored by the fixture's monkeypatch
     with pytest.raises(ValueError, match=r"needs CUDA tensors \(device is cpu\)"):
         varlen_merge_attention(q, k, v, layout)
+
+
+def test_torch_varlen_runs_under_the_flash_pin(fake_cuda_torch_varlen):  # noqa: F811
+    """The gather path calls torch's varlen_attn with only the flash SDPA backend enabled (torch's 2026-08 selector
+    honours it and would otherwise prefer cuDNN); the caller's settings are restored afterwards."""
+    seen = []
+
+    def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1), enable_gqa=False):  # torch 2.12+'s signature
+        b = torch.backends.cuda
+        seen.append((b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()))
+        return torch_2_12_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                 window_size=window_size, enable_gqa=enable_gqa)
+
+    fake_cuda_torch_varlen(fake)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    ids = doc_ids("odd_lengths")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(1, 4, 2, L, 16, torch.bfloat16)
+    with varlen_merge.use_impl("gather"):
+        varlen_attention(q, k, v, layout)
+    assert seen == [(True, False, False, False)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
