@@ -184,8 +184,9 @@ FLEX_VARIANTS = {
     "flex_b64": {"BLOCK_M": 64, "BLOCK_N": 64},
     "flex_contig": {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True},
     "flex_fa4": {"BACKEND": "FLASH"},
+    "flex_merge": None,  # not kernel options: the anchor merged through flex's LSE (flex_merge below)
 }
-FLEX_VARIANT_MASKS = {"flex_contig": ("full", "intra_doc")}
+FLEX_VARIANT_MASKS = {"flex_contig": ("full", "intra_doc"), "flex_merge": ("anchor",)}
 
 
 def flex_variant(options):
@@ -199,9 +200,32 @@ def flex_variant(options):
     return run
 
 
+def flex_merge(query, key, value, layout, *, scaling=None):
+    """Experimental anchor variant: FlexAttention on the intra_doc BlockMask (no anchor column, so no partial block
+    per query-block row) returning its LSE, the anchor merged as one extra key per query through the LSE; plain
+    autograd (flex's backward takes the LSE's gradient). If it beats ``flex`` on the GPU, it moves into the backend."""
+    intra = layout._cache.get("bench_flex_merge_intra")
+    if intra is None:
+        intra = layout._cache["bench_flex_merge_intra"] = AnchorLayout.from_doc_ids(layout.doc_ids, "intra_doc")
+    B, H, L, D = query.shape
+    Hkv = key.shape[1]
+    scale = D**-0.5 if scaling is None else scaling
+    out, lse = _flex._compiled_flex()(query, key, value, block_mask=block_mask_for(intra, None, query.device),
+                                       scale=scale, enable_gqa=Hkv != H, return_lse=True)  # (B,H,L,D), (B,H,L)
+    G = H // Hkv
+    ka, va = key[:, :, :1], value[:, :, :1]  # (B, Hkv, 1, D): each row's anchor
+    s = torch.matmul(query.reshape(B, Hkv, G * L, D), ka.transpose(-1, -2)).view(B, H, L).float() * scale
+    s = s.masked_fill((layout.doc_ids.to(query.device) <= 0)[:, None, :], float("-inf"))  # documents only
+    lse_m = torch.logaddexp(lse.float(), s)
+    w, p = torch.exp(lse.float() - lse_m), torch.exp(s - lse_m)
+    merged = out * w[..., None] + (p.view(B, Hkv, G * L, 1) * va.float()).view(B, H, L, D)
+    return merged.to(query.dtype).transpose(1, 2)
+
+
 BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention_backend, "varlen": varlen_gather,
                "varlen_merge": _varlen_merge.varlen_merge_attention,
-               **{name: flex_variant(opts) for name, opts in FLEX_VARIANTS.items()}}
+               **{name: flex_variant(opts) for name, opts in FLEX_VARIANTS.items() if opts is not None},
+               "flex_merge": flex_merge}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -16,7 +16,7 @@
 # Knobs: OUT (default ./gpu_check_out), PYTHON (default: the first of python, python3, .venv/bin/python that
 # imports torch), GPU_CHECK_BUDGET_S (total seconds, default 530); per stage GPU_PYTEST_S, GPU_ATT_S, GPU_TRAIN_S,
 # GPU_TRAIN_MERGE_S, GPU_FLEX_S, GPU_FLEX_INTRA_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_ATT_LENGTHS (default
-# 8192,16384,32768,65536,131072), GPU_FLEX_LENGTHS (default 8192,65536), GPU_TRAIN_LENGTHS (default
+# 8192,16384,32768,65536,131072), GPU_FLEX_LENGTHS (default 65536,8192), GPU_TRAIN_LENGTHS (default
 # "65536 32768 8192"), GPU_TRAIN_MERGE_LENGTHS (default "65536 8192"), GPU_TRAIN_EXTRA (more train_step flags).
 set -u -o pipefail
 
@@ -81,7 +81,8 @@ if [[ "$DRY" == "1" ]]; then
   SHAPE=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --mean-doc 64 --repeats 1 --warmup 0
          --threads 1)
   ATT_ARGS=("${SHAPE[@]}" --lengths 256,512 --masks full,intra_doc,anchor --backends sdpa)
-  FLEX_ARGS=("${SHAPE[@]}" --lengths 256 --no-memory)
+  FLEX_ARGS=("${SHAPE[@]}" --no-memory)
+  GPU_FLEX_LENGTHS=256
   TRAIN_ARGS=(--preset tiny --device cpu --lengths 256 128 --repeats 2 --warmup 1 --threads 1)
   TRAIN_MERGE_ARGS=()
   echo "# gpu_check DRY RUN on CPU with tiny sizes (python: $PYTHON)"
@@ -91,7 +92,7 @@ else
   SHAPE=(--device cuda --dtype bfloat16 --heads 32 --kv-heads 8 --head-dim 64 --mean-doc 1024 --repeats 3 --warmup 1)
   ATT_ARGS=("${SHAPE[@]}" --lengths "${GPU_ATT_LENGTHS:-8192,16384,32768,65536,131072}" --masks full,intra_doc,anchor
             --backends varlen,varlen_merge)
-  FLEX_ARGS=("${SHAPE[@]}" --lengths "${GPU_FLEX_LENGTHS:-8192,65536}" --no-memory)
+  FLEX_ARGS=("${SHAPE[@]}" --no-memory)
   # Longest first: the 64K figures are the goal; 8K is the first to go if the budget runs out.
   TRAIN_ARGS=(--preset gpu-1b --device cuda --lengths ${GPU_TRAIN_LENGTHS:-65536 32768 8192} --repeats 2 --warmup 1
               --backends varlen --masks anchor intra_doc ${GPU_TRAIN_EXTRA:-})
@@ -189,13 +190,21 @@ else
 fi
 
 # ------------------------------------------------ 5. FlexAttention kernel_options variants (compile-heavy: last)
-# anchor: default, ROWS_GUARANTEED_SAFE, 64x64 blocks, FA4 (BACKEND=FLASH); intra_doc: default, BLOCKS_ARE_CONTIGUOUS
-run_stage flex_anchor "${GPU_FLEX_S:-100}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${FLEX_ARGS[@]}" \
-  --masks anchor --backends flex,flex_safe,flex_b64,flex_fa4 --out "$TMPD/attention_flex_anchor.json"
+# anchor: default, LSE merge on the intra_doc mask, ROWS_GUARANTEED_SAFE, 64x64 blocks, FA4 (BACKEND=FLASH);
+# intra_doc: default, BLOCKS_ARE_CONTIGUOUS
+# one process per length (a stage cut by the budget loses only its own length), 64K first: the goal length
+FLEX_JSONS=()
+for FL in $(echo "${GPU_FLEX_LENGTHS:-65536,8192}" | tr ',' ' '); do
+  run_stage "flex_anchor_$FL" "${GPU_FLEX_S:-100}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py \
+    "${FLEX_ARGS[@]}" --lengths "$FL" --masks anchor --backends flex,flex_merge,flex_safe,flex_b64,flex_fa4 \
+    --out "$TMPD/attention_flex_anchor_$FL.json"
+  FLEX_JSONS+=("$TMPD/attention_flex_anchor_$FL.json")
+done
 run_stage flex_intra_doc "${GPU_FLEX_INTRA_S:-60}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py \
-  "${FLEX_ARGS[@]}" --masks intra_doc --backends flex,flex_contig --out "$TMPD/attention_flex_intra_doc.json"
+  "${FLEX_ARGS[@]}" --lengths "${GPU_FLEX_LENGTHS:-65536,8192}" --masks intra_doc --backends flex,flex_contig \
+  --out "$TMPD/attention_flex_intra_doc.json"
 # one attention JSON: the flex rows join the varlen ones (each run's own config is kept under "runs")
-"$PYTHON" scripts/merge_bench_json.py "$OUT/attention_cuda.json" "$TMPD/attention_flex_anchor.json" \
+"$PYTHON" scripts/merge_bench_json.py "$OUT/attention_cuda.json" "${FLEX_JSONS[@]}" \
   "$TMPD/attention_flex_intra_doc.json" >>"$OUT/attention_cuda.log" 2>&1
 
 # ------------------------------------------------------------------------------------------ 5. summary

@@ -86,3 +86,25 @@ def test_gpu_check_script_help_and_bad_argument():
     assert "At most" in help_text and "8 files" in help_text and "GPU_FLEX_S" in help_text
     bad = subprocess.run(["bash", str(script), "--gpu"], check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument --gpu" in bad.stderr
+
+
+def test_flex_merge_variant_forward_matches_reference(bench, monkeypatch):
+    """The experimental flex_merge variant (intra_doc BlockMask + the anchor merged through flex's LSE) computes the
+    anchor mask: forward on CPU against the float64 reference, through eager flex_attention (compiled CPU flex has no
+    LSE output); the compiled kernel and the backward are checked in tests/gpu."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(bench._flex, "_compiled_flex", lambda: flex_attention)
+
+    from anchorcontext import AnchorLayout
+    from anchorcontext.attention import reference_attention
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[0] + [1] * 7 + [2] * 13 + [3] * 1 + [4] * 40 + [-1] * 2, [0] + [1] * 63])
+    layout = AnchorLayout.from_doc_ids(ids)
+    q = torch.randn(2, 64, 4, 16).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D), as the benchmark passes
+    k, v = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    with torch.no_grad():
+        out = bench.flex_merge(q, k, v, layout)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout), rtol=2e-5, atol=2e-5)

@@ -103,3 +103,18 @@ def test_flex_kernel_option_variants_match_reference(mode, options, monkeypatch)
     layout = AnchorLayout.from_doc_ids(torch.tensor(CASES["odd_lengths+single_doc"], device=DEV), mode)
     q, k, v = make_qkv(2, 4, 4)
     check_against_oracle(flex_attention_backend, q, k, v, layout)
+
+
+def test_flex_merge_variant_matches_reference():
+    """benchmarks/attention.py's experimental flex_merge (intra_doc BlockMask, anchor merged through flex's LSE, plain
+    autograd through the LSE) against the oracle, forward and backward, compiled on the GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    layout = AnchorLayout.from_doc_ids(torch.tensor(CASES["many_docs+trailing_padding"], device=DEV))
+    q, k, v = make_qkv(2, 8, 2)
+    check_against_oracle(lambda q_, k_, v_, lay: bench.flex_merge(q_, k_, v_, lay), q, k, v, layout)
