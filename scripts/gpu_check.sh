@@ -170,11 +170,11 @@ print("backend auto on", dev, "->", resolve_backend("auto", dev))
 EOF
 
 # -------------------------------------------------------------------------------------------- 2. tests
-run_stage pytest_gpu "${GPU_PYTEST_S:-170}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
+run_stage pytest_gpu "${GPU_PYTEST_S:-200}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
   -rs --durations=15 ${GPU_PYTEST_ARGS:-tests/gpu}
 
 # ------------------------------------------------------------------ 3. attention kernels: varlen gather vs merge
-run_stage attention "${GPU_ATT_S:-80}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
+run_stage attention "${GPU_ATT_S:-70}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
   --out "$OUT/attention_cuda.json"
 
 # ---------------------------------------------------------------------------------------- 4. training step
