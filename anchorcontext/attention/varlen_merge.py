@@ -8,12 +8,14 @@ at the row's index 0 (``[anchor] + document 1``), so it sees the anchor inside t
 
 Backward (the ring-attention recipe): the kernel's backward gets the *merged* output and LSE, so its
 probabilities and ``rowsum(dO * O)`` are those of the whole softmax; the anchor's dq/dk/dv terms are added by
-hand in float32. torch's autograd for ``varlen_attn`` drops the gradient of its LSE, hence one
+hand (float32 accumulation). torch's autograd for ``varlen_attn`` drops the gradient of its LSE, hence one
 ``autograd.Function`` around the raw kernel calls.
 
 Kernel: ``torch.ops.aten._flash_attention_forward/_backward`` (the flash kernel ``varlen_attn`` calls; calling
-it directly pins flash, never cuDNN). Schemas checked in torch 2.13 (local) and the pytorch source of
-``torch/nn/attention/varlen.py`` around 2.11; the LSE is ``(H, total_q)`` float32. Tests set
+it directly pins flash, never cuDNN). Schemas checked in torch 2.13 (installed here) and in pytorch's
+``torch/nn/attention/varlen.py`` at commit 000459dc (the k_cache-era API; the GPU image has 2.11, not checked
+directly): same positional arguments and ``scale``/``window_size_left``/``window_size_right`` keywords, LSE
+``(H, total_q)`` float32 (ROCm pads it: refused below). Tests set
 ``_KERNEL_OVERRIDE`` to a stand-in with the same (out, lse) semantics.
 
 Selection per call: :func:`selected` (``ANCHORCONTEXT_VARLEN_IMPL=gather|merge`` or :func:`use_impl`); the
@@ -97,7 +99,8 @@ class TorchFlashKernel:
 def pin_flash():
     """A context pinning torch's ``varlen_attn`` to its flash kernel. torch >= the 2026-08 varlen selector (pytorch
     #193631) honours ``sdpa_kernel`` and may otherwise prefer cuDNN, reported silently wrong on unaligned inputs
-    (#194818); torch 2.11 and 2.13 always run flash (``_should_use_cudnn`` returns False) and ignore the context."""
+    (#194818); torch 2.13 (and pytorch at 000459dc) always run flash (``_should_use_cudnn`` returns False) and
+    ignore the context."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
