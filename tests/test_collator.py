@@ -288,7 +288,7 @@ def test_doc_lens_must_cover_every_non_pad_token():
     with pytest.raises(ValueError, match=r"feature 0: doc_lens \[2\] sum to 2 but the row has 5 non-pad tokens after "
                                          r"the anchor \(length 6\); token 7 at position 3 is not padding"):
         AnchorCollator(anchor_id=1, pad_id=0)([{"input_ids": [1, 5, 6, 7, 8, 9], "doc_lens": [2]}])
-    with pytest.raises(ValueError, match=r"feature 1: doc_lens \[1\] sum to 1 .* token 62 at position 3"):
+    with pytest.raises(ValueError, match=r"feature 1: doc_lens \[1\] sum to 1 .* token 61 at position 2"):
         AnchorCollator(anchor_id=1, pad_id=0)([ROWS[0], dict(ROWS[2], doc_lens=[1])])
 
 
