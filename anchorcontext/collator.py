@@ -15,8 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layout import IGNORE_INDEX, PAD_ID, AnchorLayout, check_mask, check_positions, doc_ids_from_lens, validate_doc_ids
-from .layout import labels_for_doc_ids, position_ids_for_doc_ids
+from .layout import (
+    IGNORE_INDEX,
+    PAD_ID,
+    AnchorLayout,
+    check_mask,
+    check_positions,
+    doc_ids_from_lens,
+    labels_for_doc_ids,
+    position_ids_for_doc_ids,
+    validate_doc_ids,
+)
 from .packing import DocumentPacker, anchor_and_pad_ids, int_array
 
 __all__ = ["IGNORE_INDEX", "AnchorCollator", "anchor_inputs", "labels_for", "position_ids_for"]
