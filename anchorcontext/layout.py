@@ -62,9 +62,32 @@ def check_positions(positions: str) -> str:
     return positions
 
 
+def int_array(values, name: str) -> np.ndarray:
+    """``values`` (a list, array or tensor of integers) as a 1-D int64 array; a non-integral value (``5.7``) or a
+    bool raises ``ValueError`` naming ``name`` and the position, never a silent cast."""
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a flat list of integers, got shape {arr.shape}")
+    if arr.dtype.kind == "b" or (isinstance(values, list | tuple) and any(type(v) is bool for v in values)):
+        raise ValueError(f"{name} must hold integers, got bool")
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    try:
+        num = arr.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold integers, got {arr.dtype} values (e.g. {arr[0]!r})") from None
+    bad = np.nonzero(num != np.round(num))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}[{i}] = {float(num[i]):g} is not an integer")
+    return num.astype(np.int64)
+
+
 def doc_ids_from_lens(doc_lens: Sequence[int], seq_len: int) -> np.ndarray:
     """``(seq_len,)`` int64 doc ids of one row: anchor 0, documents 1..n, padding -1."""
-    lens = np.asarray(doc_lens, dtype=np.int64)
+    lens = int_array(doc_lens, "doc_lens")
     used = int(lens.sum())
     if (lens <= 0).any() or used > seq_len - 1:
         raise ValueError(f"doc_lens {list(map(int, lens))} do not fit a row of seq_len={seq_len} (need > 0 and sum <= seq_len - 1)")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layout import IGNORE_INDEX, POSITIONS, check_positions, doc_ids_from_lens
+from .layout import IGNORE_INDEX, POSITIONS, check_positions, doc_ids_from_lens, int_array
 
 logger = logging.getLogger("anchorcontext")
 
@@ -44,29 +44,6 @@ __all__ = ["POSITIONS", "DocumentPacker", "PackStats", "anchor_and_pad_ids", "an
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def int_array(values, name: str) -> np.ndarray:
-    """``values`` (a list, array or tensor of integers) as a 1-D int64 array; a non-integral value (``5.7``) or a
-    bool raises ``ValueError`` naming ``name`` and the position, never a silent cast."""
-    if hasattr(values, "detach"):  # a torch tensor
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a flat list of integers, got shape {arr.shape}")
-    if arr.dtype.kind == "b" or (arr.dtype == object and any(isinstance(v, bool) for v in arr)):
-        raise ValueError(f"{name} must hold integers, got bool")
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64, copy=False)
-    try:
-        num = arr.astype(np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must hold integers, got {arr.dtype} values (e.g. {arr[0]!r})") from None
-    bad = np.nonzero(num != np.round(num))[0]
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{name}[{i}] = {float(num[i]):g} is not an integer")
-    return num.astype(np.int64)
 
 
 def anchor_token_id(tokenizer) -> int:
