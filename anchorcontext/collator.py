@@ -72,9 +72,10 @@ def _same_columns(features: Sequence[dict]) -> tuple[str, ...]:
 def _check_padding(i: int, row: np.ndarray, doc_lens, attention_mask, pad_id: int) -> None:
     """Refuse a row whose ``doc_lens`` leave a real token uncovered (it would silently become padding).
 
-    Padding is where ``attention_mask`` is 0 when the row has one (it must then be 1 exactly on the anchor and
-    the documents), else where the token is ``pad_id``."""
+    After the documents, a token is padding when it is ``pad_id`` or its ``attention_mask`` is 0; inside the
+    documents the ``attention_mask`` (when given) must be 1 (an all-ones mask therefore always agrees)."""
     end = 1 + int(sum(doc_lens))
+    pad = row[end:] == pad_id
     if attention_mask is not None:
         am = int_array(attention_mask, f"feature {i}: attention_mask")
         if am.size != row.size:
@@ -83,13 +84,13 @@ def _check_padding(i: int, row: np.ndarray, doc_lens, attention_mask, pad_id: in
         if hole.size:
             raise ValueError(f"feature {i}: attention_mask[{int(hole[0])}] = 0 but doc_lens {list(doc_lens)} cover "
                              f"position {int(hole[0])} (masked tokens inside documents are not supported)")
-        extra = np.nonzero(am[end:] != 0)[0]
-        if extra.size:
-            p = end + int(extra[0])
+        real = np.nonzero(~pad & (am[end:] != 0))[0]
+        if real.size:
+            p = end + int(real[0])
             raise ValueError(f"feature {i}: attention_mask[{p}] = {int(am[p])} but doc_lens {list(doc_lens)} end at "
-                             f"{end}: a real token is not covered by any document")
+                             f"{end}: token {int(row[p])} at position {p} is attended and not padding (pad_id={pad_id})")
         return
-    real = np.nonzero(row[end:] != pad_id)[0]
+    real = np.nonzero(~pad)[0]
     if real.size:
         p = end + int(real[0])
         raise ValueError(
@@ -114,11 +115,11 @@ class AnchorCollator:
       the anchor, the first token of documents 2..n and padding. Plain documents carry theirs through packing
       and splitting. Without ``labels``, the targets are the ``input_ids``.
     * ``position_ids``: used as given on every row (else ``positions`` decides). Not accepted on plain documents.
-    * ``attention_mask``: must be 1 on the anchor and the documents and 0 on the padding ``doc_lens`` leave; it
-      is then implied by the layout and not returned. Plain documents must be unpadded (all ones).
+    * ``attention_mask``: must be 1 on the anchor and the documents; after them a 0 marks padding (as ``pad_id``
+      does). It is then implied by the layout and not returned. Plain documents must be unpadded (all ones).
 
-    ``doc_lens`` must cover every real token: a non-pad token after the documents (or, with an
-    ``attention_mask``, an attended one) is refused, never turned into padding. Token ids, labels and position
+    ``doc_lens`` must cover every real token: a token after the documents that is neither ``pad_id`` nor masked
+    out by ``attention_mask`` is refused, never turned into padding. Token ids, labels and position
     ids must be integers (``5.7`` is refused, never cast).
 
     With HF Trainer set ``remove_unused_columns=False`` (``doc_lens`` is not a model argument, so the default

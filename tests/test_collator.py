@@ -279,8 +279,13 @@ def test_attention_mask_must_agree_with_doc_lens():
     hole = dict(ROWS[1], attention_mask=[1, 1, 1, 0, 1, 1, 1, 1])  # a masked token inside a document
     with pytest.raises(ValueError, match=r"feature 0: attention_mask\[3\] = 0 but doc_lens \[7\] cover position 3"):
         AnchorCollator(anchor_id=1, pad_id=0)([hole])
-    covered = dict(ROWS[2], attention_mask=[1] * 5 + [0] * 3)  # attends a token doc_lens call padding
-    with pytest.raises(ValueError, match=r"feature 0: attention_mask\[4\] = 1 but doc_lens \[1, 2\] end at 4"):
+    ones = [dict(r, attention_mask=[1] * 8) for r in ROWS]  # an all-ones mask carries no padding: pad ids decide
+    assert AnchorCollator(anchor_id=1, pad_id=0)(ones)["labels"].tolist() == LABELS
+    other_pad = dict(ROWS[2], input_ids=[1, 51, 61, 62, 9, 9, 9, 9], attention_mask=[1] * 4 + [0] * 4)
+    assert AnchorCollator(anchor_id=1, pad_id=0)([other_pad])["labels"].tolist() == [LABELS[2]]
+    covered = dict(other_pad, attention_mask=[1] * 5 + [0] * 3)  # attends a real token doc_lens leave out
+    with pytest.raises(ValueError, match=r"feature 0: attention_mask\[4\] = 1 but doc_lens \[1, 2\] end at 4: "
+                                         r"token 9 at position 4 is attended and not padding"):
         AnchorCollator(anchor_id=1, pad_id=0)([covered])
 
 
