@@ -243,7 +243,10 @@ def validate_doc_ids(doc_ids: Any) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class AnchorLayout:
-    """Varlen metadata for one packed batch and one mask mode. Build with :meth:`from_doc_ids`.
+    """Varlen metadata for one packed batch and one mask mode. Build with :meth:`from_doc_ids` or
+    :meth:`from_doc_lens`. The one place boundaries are derived: :meth:`position_ids`, :meth:`labels`,
+    :attr:`local_offsets`, :meth:`mask_mod`, :meth:`segment_plan` / :meth:`segment_table`; derived data is
+    cached per layout with :meth:`cached`.
 
     Attributes (``S`` query segments, ``T = B*L`` tokens):
         doc_ids: ``(B, L)`` int64, the input.

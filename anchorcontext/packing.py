@@ -33,8 +33,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from .layout import IGNORE_INDEX, POSITIONS, check_positions, doc_ids_from_lens, int_array
+from .layout import IGNORE_INDEX, POSITIONS, check_positions, doc_ids_from_lens, int_array, position_ids_for_doc_ids
 
 logger = logging.getLogger("anchorcontext")
 
@@ -292,14 +293,9 @@ def pack_documents(
 def position_ids_from_lens(doc_lens: Sequence[int], seq_len: int, positions: str = "continuous") -> np.ndarray:
     """Position ids: ``continuous`` = 0..L-1 (the paper); ``reset`` = anchor 0, each document 1..n_i.
 
-    Padding keeps its row index under both policies (as :func:`anchorcontext.collator.position_ids_for`
+    Padding keeps its row index under both policies (as :meth:`AnchorLayout.position_ids`, which derives these,
     and the collator's ``pad_to_multiple_of`` do); it is never a target.
     """
     check_positions(positions)
-    pos = np.arange(seq_len, dtype=np.int64)
-    if positions == "reset" and len(doc_lens):
-        lens = np.asarray(doc_lens, dtype=np.int64)
-        starts = np.concatenate([[1], 1 + np.cumsum(lens)[:-1]])
-        used = int(lens.sum())
-        pos[1 : 1 + used] -= np.repeat(starts - 1, lens)
-    return pos
+    doc_ids = torch.from_numpy(doc_ids_from_lens(doc_lens, seq_len))[None]
+    return position_ids_for_doc_ids(doc_ids, positions)[0].numpy()
