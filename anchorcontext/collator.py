@@ -180,7 +180,11 @@ class AnchorCollator:
                     "set AnchorCollator(seq_len=...) to pack plain documents here, and with HF Trainer use "
                     "remove_unused_columns=False (the default drops 'doc_lens' before the collator)"
                 )
+            n = len(features)
             features = self._pack(features)
+            if not features:
+                raise ValueError(f"the {n} documents pack into no rows (all empty after dropping a leading anchor "
+                                 "token): nothing to train on")
         for i, f in enumerate(features):
             for key in ("input_ids", "doc_lens"):
                 if key not in f:

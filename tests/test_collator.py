@@ -325,3 +325,8 @@ def test_plain_documents_carry_their_labels_through_packing_and_splitting():
         AnchorCollator(anchor_id=1, pad_id=0, seq_len=6)([docs[0], dict(docs[1], labels=[X] * 5)])
     with pytest.raises(ValueError, match=r"feature 1 has no 'labels' but feature 0 has"):
         AnchorCollator(anchor_id=1, pad_id=0, seq_len=6)([docs[0], {"input_ids": [5, 6]}])
+
+
+def test_plain_documents_that_pack_to_no_rows_are_refused():
+    with pytest.raises(ValueError, match=r"the 2 documents pack into no rows \(all empty after dropping a leading anchor"):
+        AnchorCollator(anchor_id=1, pad_id=0, seq_len=4)([{"input_ids": []}, {"input_ids": [1]}])

@@ -494,3 +494,22 @@ def test_packed_jsonl_with_a_fractional_token_id_is_refused(tmp_path):
     args = DataArguments(dataset=str(path), seq_len=4, eval_fraction=0.0, shuffle_documents=False, max_eval_rows=0)
     with pytest.raises(ValueError, match=r"packed row 1: input_ids\[2\] = 5.7 is not an integer"):
         build_datasets(args, tok)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpus(), st.sampled_from(["split", "drop"]))
+def test_labels_travel_with_their_tokens(case, overflow):
+    """Each token's own label (here token + 1000) stays with it through stripping, splitting and dropping; the
+    collator then adds only the boundary -100s."""
+    seq_len, docs = case
+    labels = [[t + 1000 for t in d] for d in docs]
+    packer = DocumentPacker(seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, overflow=overflow)
+    rows = list(packer.iter_rows(docs, labels))
+    for r in rows:
+        used = sum(r["doc_lens"])
+        assert r["labels"] == [IGNORE] + [t + 1000 for t in r["input_ids"][1 : 1 + used]] + [IGNORE] * (seq_len - 1 - used)
+    if rows and overflow == "split":
+        batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, seq_len=seq_len)(
+            [{"input_ids": d, "labels": lab} for d, lab in zip(docs, labels)])
+        want = [[x if x == IGNORE else x + 1000 for x in expected_labels(r["input_ids"], r["doc_lens"])] for r in rows]
+        assert batch["labels"].tolist() == want
