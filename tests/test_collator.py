@@ -265,6 +265,8 @@ def test_incoming_labels_are_kept_and_masked_on_top():
         ([dict(ROWS[0], labels=[1] * 7)], r"feature 0 has 7 labels for 8 input_ids"),
         ([ROWS[0], dict(ROWS[1], position_ids=list(range(8)))], r"feature 0 has no 'position_ids' but feature 1 has"),
         ([dict(ROWS[0], labels=[1, 2, 3.5, 4, 5, 6, 7, 8])], r"feature 0: labels\[2\] = 3.5 is not an integer"),
+        # 3-D (mRoPE-style) position ids per row are refused, never misread as packed positions
+        ([dict(ROWS[0], position_ids=[list(range(8))] * 3)], r"feature 0: position_ids must be a flat list .*\(3, 8\)"),
     ],
 )
 def test_partial_or_bad_user_columns_are_refused(rows, match):
