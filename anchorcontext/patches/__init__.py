@@ -10,6 +10,8 @@ padding).
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
 
 from .hooks import (
@@ -28,21 +30,43 @@ from .registration import (
     ANCHOR_KEYS,
     ATTN_NAME,
     ATTN_NAME_EAGER,
-    ATTN_PREFIX,
     MIN_TRANSFORMERS,
     check_transformers_version,
     guard_stock_attention,
     register,
 )
 
-if "transformers.modeling_utils" in sys.modules:  # guard now; otherwise register()/patch_model()/the collator do
+
+class _GuardOnImport(importlib.abc.MetaPathFinder):
+    """Guards the stock attention entries right after ``transformers.modeling_utils`` is first imported, so the
+    guard holds whichever of ``anchorcontext`` and ``transformers`` a script imports first."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers.modeling_utils":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            guard_stock_attention()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "transformers.modeling_utils" in sys.modules:
     guard_stock_attention()
+elif not any(isinstance(f, _GuardOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _GuardOnImport())
 
 __all__ = [
     "ANCHOR_KEYS",
     "ATTN_NAME",
     "ATTN_NAME_EAGER",
-    "ATTN_PREFIX",
     "HF_PACKING",
     "MIN_TRANSFORMERS",
     "_ANCHOR_FORWARD",

@@ -19,13 +19,7 @@ from typing import Any
 import torch
 
 from ..layout import AnchorLayout
-from .registration import (
-    _ANCHOR_FORWARD,
-    anchor_name_for,
-    is_anchor_name,
-    register,
-    stock_of,
-)
+from .registration import _ANCHOR_FORWARD, ATTN_NAME, ATTN_NAME_EAGER, is_anchor_name, register
 
 _STATE_ATTR = "_anchorcontext_patch"
 HF_PACKING = ("intra_doc", "refuse")
@@ -246,11 +240,19 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
             "anchorcontext cannot patch it"
         )
     prev = root.config._attn_implementation
-    if is_anchor_name(prev):  # loaded with attn_implementation="anchor" (or another of our names)
-        name, prev = prev, stock_of(prev)
+    if is_anchor_name(prev):  # loaded with attn_implementation="anchor"
+        name, prev = prev, ("eager" if prev == ATTN_NAME_EAGER else "sdpa")
+    elif prev in (None, "sdpa", "eager"):
+        name = ATTN_NAME_EAGER if prev == "eager" else ATTN_NAME
     else:
-        name = anchor_name_for(prev)
-    root.set_attn_implementation(name)
+        # FlashAttention, flex, a kernels-hub name: the model keeps it; its guarded entry runs the anchor forwards
+        from transformers import AttentionInterface
+
+        if prev not in AttentionInterface._global_mapping:
+            raise ValueError(f"attention implementation {prev!r} is not registered in transformers' AttentionInterface")
+        name = prev
+    if name != root.config._attn_implementation:
+        root.set_attn_implementation(name)
     # Hooks go on the decoder (e.g. LlamaModel): it builds the mask, and wrappers that call the outer
     # ``forward`` directly (PEFT's LoraModel does) still reach it through ``__call__``.
     decoder = root.base_model
@@ -274,7 +276,8 @@ def unpatch_model(model):
     for h in state["hooks"]:
         h.remove()
     root = _pretrained_root(model)
-    root.set_attn_implementation(state["prev"])
+    if state["prev"] != root.config._attn_implementation:
+        root.set_attn_implementation(state["prev"])
     for m in (model, root):
         if getattr(m, _STATE_ATTR, None) is state:
             delattr(m, _STATE_ATTR)

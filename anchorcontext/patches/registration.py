@@ -5,15 +5,15 @@ Entries (``AttentionInterface`` + ``AttentionMaskInterface``, never rebinding pr
 * ``"anchor"``: anchor-aware attention whose stock fallback is SDPA (``sdpa_attention_forward`` + ``sdpa_mask``).
 * ``"anchor_eager"``: the same with the model's own ``eager_attention_forward`` + ``eager_mask`` as fallback
   (chosen when the model was on ``eager``, e.g. Gemma2 for its softcap).
-* ``"anchor|<name>"`` (e.g. ``"anchor|flash_attention_2"``): the same with any other registered implementation
-  as fallback, so a model loaded with FlashAttention, flex or a kernels-hub name keeps it for plain forwards.
 
 A call that carries ``anchor_layout`` runs AnchorAttention; any other call runs the fallback unchanged.
 
-The guard (:func:`guard_stock_attention`): every other entry of ``AttentionInterface`` refuses a call carrying
-``anchor_*`` kwargs, so a model whose attention is not ours (never patched, unpatched, reloaded) fails with an
-error naming ``patch_model`` instead of silently attending across documents (docs/architecture.md, "What is
-refused, and why").
+The guard (:func:`guard_stock_attention`) wraps every other entry of ``AttentionInterface`` (FlashAttention,
+flex, kernels-hub names, and the ``"sdpa"`` that a reloaded model gets): a call carrying ``anchor_*`` kwargs runs
+AnchorAttention when a patched model's pre-hook prepared it, and is refused with an error naming ``patch_model``
+otherwise (never patched, unpatched, reloaded), instead of silently attending across documents. So a model
+loaded with FlashAttention or flex keeps its name and its kernel for plain forwards after ``patch_model``
+(transformers' flash path reads the kernel from the name). See docs/architecture.md, "What is refused, and why".
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ logger = logging.getLogger("anchorcontext")
 MIN_TRANSFORMERS = "5.0.0"
 ATTN_NAME = "anchor"
 ATTN_NAME_EAGER = "anchor_eager"
-ATTN_PREFIX = "anchor|"  # "anchor|<stock name>": anchor attention over that stock implementation
 ANCHOR_KEYS = ("anchor_layout", "anchor_doc_ids", "anchor_mask", "anchor_backend")
 _GUARD_KEYS = (*ANCHOR_KEYS, "anchor_sp_layout")
 
@@ -70,19 +69,6 @@ def _sdpa_fallback(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _registered_fallback(stock_name: str):
-    """The entry registered as ``stock_name``, looked up per call (a kernel or wrapper registered later wins)."""
-
-    def fallback(module, query, key, value, attention_mask, **kwargs):
-        from transformers import AttentionInterface
-
-        fn = AttentionInterface._global_mapping[stock_name]
-        return getattr(fn, "__wrapped_stock__", fn)(module, query, key, value, attention_mask, **kwargs)
-
-    fallback.__name__ = f"stock[{stock_name}]"
-    return fallback
 
 
 def _make_attention_fn(fallback):
@@ -132,55 +118,28 @@ def _make_mask_fn(stock_name: str):
 
 
 def is_anchor_name(name: str | None) -> bool:
-    """Whether ``name`` is one of our attention entries (``anchor``, ``anchor_eager``, ``anchor|<stock>``)."""
-    return name in (ATTN_NAME, ATTN_NAME_EAGER) or (isinstance(name, str) and name.startswith(ATTN_PREFIX))
-
-
-def stock_of(name: str) -> str:
-    """The stock implementation under one of our names (``"anchor"`` -> ``"sdpa"``)."""
-    if name == ATTN_NAME:
-        return "sdpa"
-    if name == ATTN_NAME_EAGER:
-        return "eager"
-    return name[len(ATTN_PREFIX):]
-
-
-def anchor_name_for(stock: str | None) -> str:
-    """Register (if needed) and return our entry whose fallback is the stock implementation ``stock``."""
-    register()
-    if stock in (None, "sdpa"):
-        return ATTN_NAME
-    if stock == "eager":
-        return ATTN_NAME_EAGER
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    if stock not in AttentionInterface._global_mapping:
-        raise ValueError(f"attention implementation {stock!r} is not registered in transformers' AttentionInterface")
-    name = ATTN_PREFIX + stock
-    if AttentionInterface._global_mapping.get(name) is None:
-        AttentionInterface.register(name, _make_attention_fn(_registered_fallback(stock)))
-        # An implementation without a mask function of its own (e.g. a kernels-hub name) builds none
-        has_mask = stock in AttentionMaskInterface._global_mapping
-        AttentionMaskInterface.register(name, _make_mask_fn(stock) if has_mask else _no_mask)
-    return name
-
-
-def _no_mask(*args, **kwargs):
-    return None
+    """Whether ``name`` is one of our attention entries."""
+    return name in (ATTN_NAME, ATTN_NAME_EAGER)
 
 
 def _make_guard(stock_name: str, fn):
+    """``fn`` (a stock entry) that runs AnchorAttention for a patched model's anchor forward (the decoder's
+    pre-hook set the flag) and refuses ``anchor_*`` kwargs otherwise."""
+    anchor_fn = _make_attention_fn(fn)
+
     @functools.wraps(fn)
     def guarded(module, query, key, value, attention_mask, *args, **kwargs):
         given = [k for k in _GUARD_KEYS if k in kwargs]
-        if given:
-            raise ValueError(
-                f"this forward carries {given} but the model's attention is the stock {stock_name!r} "
-                "implementation, which would ignore them and attend across documents; call "
-                "anchorcontext.patch_model(model) first (also after unpatch_model, and on a model reloaded "
-                "with from_pretrained: its saved config rightly names the stock implementation)"
-            )
-        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if not given:
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if kwargs.get("anchor_layout") is not None and _ANCHOR_FORWARD.get():
+            return anchor_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        raise ValueError(
+            f"this forward carries {given} but the model's attention is the stock {stock_name!r} "
+            "implementation, which would ignore them and attend across documents; call "
+            "anchorcontext.patch_model(model) first (also after unpatch_model, and on a model reloaded "
+            "with from_pretrained: its saved config rightly names the stock implementation)"
+        )
 
     guarded.__wrapped_stock__ = fn
     return guarded
@@ -196,7 +155,7 @@ def guard_stock_attention() -> None:
     from transformers import AttentionInterface
 
     for name, fn in list(AttentionInterface._global_mapping.items()):
-        if fn is None or is_anchor_name(name) or name.startswith("anchor") or hasattr(fn, "__wrapped_stock__"):
+        if fn is None or name.startswith("anchor") or hasattr(fn, "__wrapped_stock__"):
             continue
         AttentionInterface.register(name, _make_guard(name, fn))
 
