@@ -126,16 +126,22 @@ def _packing_layout(kwargs: dict, ref: torch.Tensor, cache_names) -> AnchorLayou
         if not bool(starts[:, 1:].any()):
             return None
         starts[:, 0] = True
+    doc = starts.cumsum(1)
     if mask2d is not None and not bool(mask2d.bool().all()):
-        raise ValueError(
-            "a packed batch (cu_seq_lens_* or restarting position_ids) with padding in attention_mask is ambiguous; "
-            "pass attention_mask=None (or all ones) for packed rows"
-        )
+        m = mask2d.detach().to("cpu").bool()
+        if bool((m[:, 1:] & ~m[:, :-1]).any()):
+            r = int((m[:, 1:] & ~m[:, :-1]).any(1).nonzero()[0, 0])
+            raise ValueError(
+                f"a packed batch (cu_seq_lens_* or restarting position_ids) needs right padding only; attention_mask "
+                f"row {r} has a padded token before a real one"
+            )
+        doc[~m] = -1  # trailing padding: one segment of its own (the AnchorLayout convention)
     for n in cache_names:
         c = kwargs.get(n)
         if c is not None and _cache_len(c) != 0:
             raise ValueError(f"a packed batch cannot continue a KV cache ({n} holds {_cache_len(c)} tokens)")
-    return AnchorLayout.from_doc_ids(starts.cumsum(1).to(ref.device), "intra_doc", validate=False)
+    # doc ids 1..n per row (no anchor at index 0, so validate=False): intra_doc attends within equal ids only
+    return AnchorLayout.from_doc_ids(doc.to(ref.device), "intra_doc", validate=False)
 
 
 def _refuse_cache(kwargs: dict, cache_names, what: str) -> None:
