@@ -159,3 +159,46 @@ def test_3d_position_ids_pass_through_unchanged():
     cu = torch.tensor([0, 3, 6], dtype=torch.int32)
     layout = _packing_layout({"position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}, ref, ())
     assert layout.mask == "intra_doc" and layout.doc_ids.tolist() == [[1, 1, 1, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_trainer_packing_batches_run_as_intra_document(tmp_path, padding_free):
+    """``SFTTrainer(packing=True)`` end to end on a patched model: the batches its own collator builds run with
+    every document equal to its standalone run (recorded batches replayed after one step at learning rate 0)."""
+    import datasets
+    import trl
+
+    from anchorcontext.assets import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer()
+    model = make_model("llama")
+    model.resize_token_embeddings(len(tok))
+    model = ac.patch_model(model.train())
+    docs = [[t % len(tok) for t in d] for d in _docs(4)]
+    cfg = trl.SFTConfig(output_dir=str(tmp_path), packing=True, padding_free=padding_free, max_length=16,
+                        max_steps=1, per_device_train_batch_size=2, learning_rate=0.0, report_to=[], use_cpu=True,
+                        bf16=False, save_strategy="no", dataset_num_proc=None)
+    trainer = trl.SFTTrainer(model=model, args=cfg, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_dict({"input_ids": docs}))
+    seen = []
+    collate = trainer.data_collator
+
+    def recording(rows):
+        seen.append((rows, collate(rows)))
+        return seen[-1][1]
+
+    trainer.data_collator = recording
+    trainer.train()
+    assert seen
+    model.eval()
+    alone = {tuple(d): a for d, a in zip(docs, _standalone(model, docs))}
+    for rows, batch in seen:
+        ranges, refs, offset = [], [], 0
+        for i, r in enumerate(rows):
+            a = 0
+            for n in r["seq_lengths"]:
+                refs.append(alone[tuple(r["input_ids"][a:a + n])])
+                ranges.append((0, offset + a, offset + a + n) if "cu_seq_lens_q" in batch else (i, a, a + n))
+                a += n
+            offset += len(r["input_ids"])
+        assert _worst(_forward(model, batch), ranges, refs) <= 1e-5
