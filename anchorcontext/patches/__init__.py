@@ -41,17 +41,24 @@ class _GuardOnImport(importlib.abc.MetaPathFinder):
     """Guards the stock attention entries right after ``transformers.modeling_utils`` is first imported, so the
     guard holds whichever of ``anchorcontext`` and ``transformers`` a script imports first."""
 
+    _busy = False
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers.modeling_utils":
+        if fullname != "transformers.modeling_utils" or self._busy:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._busy = True  # find the real spec through the other finders
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             guard_stock_attention()
 
         spec.loader.exec_module = exec_module

@@ -152,8 +152,10 @@ def guard_stock_attention() -> None:
     Models on ``eager`` call their family's function directly, never through the registry: see
     docs/architecture.md for what covers them.
     """
-    from transformers import AttentionInterface
-
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers < 5: register() names the version needed
+        return
     for name, fn in list(AttentionInterface._global_mapping.items()):
         if fn is None or name.startswith("anchor") or hasattr(fn, "__wrapped_stock__"):
             continue
