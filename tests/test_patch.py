@@ -540,6 +540,13 @@ def test_patch_keeps_the_loaded_implementation_for_plain_forwards(stock, monkeyp
         ac.patch_model(ref)
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=0, rtol=0)
         assert len(calls) == 2 * n, "the anchor forward reached the stock implementation"
+    # gradient checkpointing re-runs the attention in backward, after the forward's hooks: same gradients
+    model.train().gradient_checkpointing_enable()
+    ref.train().gradient_checkpointing_enable()
+    for m in (model, ref):
+        m(**batch).loss.backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0, msg=n)
     ac.unpatch_model(model)
     assert model.config._attn_implementation == stock
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..layout import AnchorLayout
-from .registration import _ANCHOR_FORWARD, ATTN_NAME, ATTN_NAME_EAGER, is_anchor_name, register
+from .registration import _ANCHOR_FORWARD, ATTN_NAME, ATTN_NAME_EAGER, PATCHED_KEY, is_anchor_name, register
 
 _STATE_ATTR = "_anchorcontext_patch"
 HF_PACKING = ("intra_doc", "refuse")
@@ -201,6 +201,7 @@ def _pre_hook(state, module, args, kwargs):
             kwargs[n] = None  # an empty cache of a packed forward: never filled under our mask
     kwargs["use_cache"] = False  # never hand back a cache built under the anchor / intra-document mask
     kwargs["anchor_layout"] = layout
+    kwargs[PATCHED_KEY] = True
     kwargs.setdefault("anchor_backend", state["backend"])
     _ANCHOR_FORWARD.set(True)
     return args, kwargs

@@ -32,7 +32,10 @@ logger = logging.getLogger("anchorcontext")
 MIN_TRANSFORMERS = "5.0.0"
 ATTN_NAME = "anchor"
 ATTN_NAME_EAGER = "anchor_eager"
-ANCHOR_KEYS = ("anchor_layout", "anchor_doc_ids", "anchor_mask", "anchor_backend")
+ANCHOR_KEYS = ("anchor_layout", "anchor_doc_ids", "anchor_mask", "anchor_backend", "anchor_patched")
+# Set by a patched model's pre-hook beside the layout it built. A kwarg, not the ContextVar flag, because
+# gradient checkpointing re-runs the attention in backward, after the forward's hooks have reset the flag.
+PATCHED_KEY = "anchor_patched"
 _GUARD_KEYS = (*ANCHOR_KEYS, "anchor_sp_layout")
 
 # True while the current call (thread / asyncio task: a ContextVar) runs an anchor forward of a patched model;
@@ -124,7 +127,7 @@ def is_anchor_name(name: str | None) -> bool:
 
 def _make_guard(stock_name: str, fn):
     """``fn`` (a stock entry) that runs AnchorAttention for a patched model's anchor forward (the decoder's
-    pre-hook set the flag) and refuses ``anchor_*`` kwargs otherwise."""
+    pre-hook marked it) and refuses ``anchor_*`` kwargs otherwise."""
     anchor_fn = _make_attention_fn(fn)
 
     @functools.wraps(fn)
@@ -132,7 +135,7 @@ def _make_guard(stock_name: str, fn):
         given = [k for k in _GUARD_KEYS if k in kwargs]
         if not given:
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
-        if kwargs.get("anchor_layout") is not None and _ANCHOR_FORWARD.get():
+        if kwargs.get("anchor_layout") is not None and kwargs.get(PATCHED_KEY):
             return anchor_fn(module, query, key, value, attention_mask, *args, **kwargs)
         raise ValueError(
             f"this forward carries {given} but the model's attention is the stock {stock_name!r} "
