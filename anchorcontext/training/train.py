@@ -1,4 +1,8 @@
-"""The training job: model + RoPE overrides -> ``patch_model`` -> packed rows -> HF ``Trainer`` with ``AnchorCollator``.
+"""The run recipe: model + RoPE overrides -> ``patch_model`` -> packed rows -> HF ``Trainer`` with ``AnchorCollator``.
+
+The parts live beside it: :mod:`.model` (model building, RoPE overrides), :mod:`.callbacks` (throughput,
+Ctrl-C/SIGTERM), :mod:`.checkpoints` (output dir, complete checkpoints, resume checks) and :mod:`.report` (table,
+plots); their public names are re-exported here.
 
 :func:`run` is what ``anchorcontext train`` calls. It evaluates before and after training (held-out ``eval_loss`` on
 packed rows with the run's mask, plus :func:`anchorcontext.evaluation.evaluate` when ``eval_tasks`` are set), writes
@@ -6,376 +10,48 @@ packed rows with the run's mask, plus :func:`anchorcontext.evaluation.evaluate` 
 
 Ctrl-C finishes the current optimizer step, saves a full checkpoint (``checkpoint-N``: weights, optimizer, scheduler,
 RNG, data position) and stops; ``--resume_from_checkpoint last`` continues it with the same data order, so the loss
-curve equals an uninterrupted run's. A second Ctrl-C aborts at once.
+curve equals an uninterrupted run's. A second Ctrl-C aborts at once; SIGTERM saves and stops as Ctrl-C does.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pathlib
-import signal
 import sys
 import time
-import warnings
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from .args import AnchorArguments, DataArguments, ModelArguments
+from .callbacks import InterruptCallback, ThroughputCallback, _main_thread  # noqa: F401  (re-exported)
+from .checkpoints import (  # noqa: F401  (re-exported)
+    RESUME_MAY_DIFFER,
+    RUN_ARGS_FILE,
+    RecordArgsCallback,
+    _jsonable,
+    _resolve_resume,
+    _save_after_failure,
+    check_output_dir,
+    check_resume_matches,
+    last_complete_checkpoint,
+    record_run_args,
+)
+from .model import (  # noqa: F401  (re-exported)
+    SHAPE_KEYS,
+    RopeRangeWarning,
+    apply_rope_overrides,
+    build_model,
+    build_model_on_meta,
+    check_rope_range,
+    config_from_block,
+    rope_summary,
+)
+from .report import _eval_brief, format_summary, write_plots
 
 logger = logging.getLogger("anchorcontext")
-
-SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-              "vocab_size")
-
-
-class RopeRangeWarning(UserWarning):
-    """``seq_len`` exceeds the model's RoPE range and no scaling is configured."""
-
-
-# ------------------------------------------------------------------------------------------- model
-
-
-def rope_summary(config) -> dict:
-    rp = dict(getattr(config, "rope_parameters", None) or {})
-    return {"max_position_embeddings": getattr(config, "max_position_embeddings", None), **rp}
-
-
-def apply_rope_overrides(config, margs: ModelArguments) -> bool:
-    """Write ``rope_theta`` / ``rope_scaling`` / ``max_position_embeddings`` into ``config`` (in place).
-
-    Returns True when anything changed. ``rope_scaling`` follows HF (``{"rope_type": "yarn", "factor": 4.0, ...}``);
-    ``original_max_position_embeddings`` defaults to the config's range before the override.
-    """
-    if margs.rope_theta is None and margs.rope_scaling is None and margs.max_position_embeddings is None:
-        return False
-    original = getattr(config, "max_position_embeddings", None)
-    rp = dict(getattr(config, "rope_parameters", None) or {})
-    if rp and any(isinstance(v, dict) for v in rp.values()):
-        raise ValueError(
-            f"{config.model_type} has per-layer-type RoPE parameters ({sorted(rp)}); set them in model_config instead "
-            "of rope_theta / rope_scaling"
-        )
-    if margs.rope_theta is not None:
-        rp["rope_theta"] = float(margs.rope_theta)
-    if margs.rope_scaling is not None:
-        sc = dict(margs.rope_scaling)
-        sc["rope_type"] = sc.pop("rope_type", sc.pop("type", "default"))
-        for k in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
-                  "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "short_factor", "long_factor",
-                  "truncate"):
-            rp.pop(k, None)
-        rp.update(sc)
-        if sc["rope_type"] in ("yarn", "longrope", "llama3") and original is not None:
-            rp.setdefault("original_max_position_embeddings", original)
-    if margs.max_position_embeddings is not None:
-        config.max_position_embeddings = int(margs.max_position_embeddings)
-    config.rope_parameters = rp
-    if hasattr(config, "validate_rope"):
-        config.validate_rope()
-    return True
-
-
-def _rebuild_rotary(model) -> int:
-    """Re-create every rotary-embedding module from its (updated) config; returns how many were rebuilt."""
-    n = 0
-    for name, module in list(model.named_modules()):
-        if not (type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq")):
-            continue
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        try:
-            new = type(module)(config=module.config)
-        except TypeError as e:
-            raise ValueError(
-                f"cannot rebuild {type(module).__name__} with the new RoPE settings ({e}); build the model with "
-                "model_config + from_scratch, or set them in the checkpoint's config.json"
-            ) from None
-        new.to(device=module.inv_freq.device)
-        setattr(parent, name.rsplit(".", 1)[-1], new)
-        n += 1
-    return n
-
-
-def config_from_block(block: dict):
-    """A ``transformers`` config from an architecture block ``{"model_type": ..., **fields}`` (no download)."""
-    from transformers import AutoConfig
-
-    block = dict(block)
-    model_type = block.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **block)
-    except ValueError as e:
-        raise ValueError(f"model_config: unknown model_type {model_type!r}: {e}") from None
-
-
-def build_model_on_meta(margs: ModelArguments):
-    """The model described by ``margs`` (architecture block + RoPE overrides) on the meta device: no memory, no download."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if margs.model_config is not None:
-        config = config_from_block(margs.model_config)
-    else:
-        config = AutoConfig.from_pretrained(margs.model_name_or_path)
-    apply_rope_overrides(config, margs)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def build_model(margs: ModelArguments, *, seed: int = 0) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, source)`` with the RoPE overrides applied; ``use_cache`` off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = getattr(torch, margs.dtype)
-    name = margs.model_name_or_path
-    if name == "tiny":
-        from ..assets import tiny_llama, train_bpe_tokenizer
-
-        tok = train_bpe_tokenizer(vocab_size=margs.tiny_vocab_size)
-        kw = {}
-        if margs.model_config:
-            kw = {k: v for k, v in margs.model_config.items() if k != "model_type"}
-        model = tiny_llama(tok, seed=seed, hidden_size=margs.tiny_hidden_size, num_layers=margs.tiny_num_layers, **kw)
-        model = model.to(dtype)
-        source = f"tiny (random Llama, hidden {margs.tiny_hidden_size}, {margs.tiny_num_layers} layers, stdlib BPE {len(tok)})"
-    elif margs.from_scratch:
-        config = config_from_block(margs.model_config)
-        apply_rope_overrides(config, margs)
-        tok_name = margs.tokenizer_name_or_path or name
-        tok = AutoTokenizer.from_pretrained(tok_name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        source = f"from_scratch ({config.model_type} from model_config, random init)"
-    else:
-        from ..assets import resolve_model
-
-        model, tok, source = resolve_model(name, dtype=dtype)
-        if margs.model_config:
-            bad = {k: (margs.model_config[k], getattr(model.config, k, None)) for k in SHAPE_KEYS
-                   if k in margs.model_config and getattr(model.config, k, None) != margs.model_config[k]}
-            if bad:
-                warnings.warn(f"model_config disagrees with the loaded {name!r} (key: (config, loaded)): {bad}",
-                              stacklevel=2)
-    if margs.tokenizer_name_or_path and not margs.from_scratch:
-        tok = AutoTokenizer.from_pretrained(margs.tokenizer_name_or_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if (name == "tiny" or not margs.from_scratch) and apply_rope_overrides(model.config, margs):
-        _rebuild_rotary(model)  # from_scratch configs got the overrides before the model was built
-    model.config.use_cache = False
-    return model, tok, source
-
-
-def check_rope_range(config, seq_len: int) -> str | None:
-    """Warn (``RopeRangeWarning``) when ``seq_len`` exceeds ``max_position_embeddings`` and no scaling is set."""
-    mpe = getattr(config, "max_position_embeddings", None)
-    rp = getattr(config, "rope_parameters", None) or {}
-    rtype = rp.get("rope_type", "default") if isinstance(rp, dict) else "default"
-    if mpe is None or seq_len <= mpe or rtype not in (None, "default"):
-        return None
-    msg = (
-        f"seq_len={seq_len} exceeds the model's RoPE range max_position_embeddings={mpe} "
-        f"(rope_theta={rp.get('rope_theta')}, no rope_scaling): positions {mpe}..{seq_len - 1} were never trained. "
-        "Raise rope_theta (the paper: 5e6 at 64K, 1e7 at 128K) together with --max_position_embeddings, or set "
-        "--rope_scaling"
-    )
-    warnings.warn(msg, RopeRangeWarning, stacklevel=2)
-    return msg
-
-
-# --------------------------------------------------------------------------------------- callbacks
-
-
-class ThroughputCallback(TrainerCallback):
-    """Per-step wall time and tokens/s (tokens = ``seq_len`` x rows per optimizer step, padding included).
-
-    Adds ``tokens_per_second`` and ``step_time`` to each log line (shown by the progress bar) and keeps
-    ``records`` (one dict per optimizer step) for the summary and plots.
-    """
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.records: list[dict] = []
-        self._last = None
-        self._since_log: list[float] = []
-
-    def on_train_begin(self, args, state, control, **kw):
-        self._last = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
-        dt = now - self._last
-        self._last = now
-        self._since_log.append(dt)
-        self.records.append({"step": state.global_step, "step_time": dt, "tokens_per_second": self.tokens_per_step / dt})
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs is not None and "loss" in logs and self._since_log:
-            dt = sum(self._since_log) / len(self._since_log)
-            logs["step_time"] = round(dt, 3)
-            logs["tokens_per_second"] = round(self.tokens_per_step / dt, 1)
-            self._since_log = []
-        if logs is not None and self._last is not None:
-            self._last = time.perf_counter()  # logging/eval time is not a step's time
-
-
-class InterruptCallback(TrainerCallback):
-    """Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop. A second Ctrl-C: ``KeyboardInterrupt`` at once.
-
-    ``signal`` names the signal received (``"SIGINT"`` / ``"SIGTERM"``), so the CLI exits 130 / 143 after saving.
-    """
-
-    def __init__(self):
-        self.interrupted = False
-        self.signal: str | None = None
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        self.interrupted = True
-        self.signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT) or signal.default_int_handler)
-        print(f"\n[anchorcontext] {self.signal}: finishing this step, saving a checkpoint and stopping"
-              + (" (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""),
-              file=sys.stderr, flush=True)
-
-    def on_train_begin(self, args, state, control, **kw):
-        if _main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not None:
-                    self._previous[sig] = signal.signal(sig, self._handler)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.interrupted:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kw):
-        if _main_thread():
-            for sig, prev in self._previous.items():
-                signal.signal(sig, prev)
-        self._previous = {}
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-# --------------------------------------------------------------------------------------------- run
-
-
-def _complete(ckpt: pathlib.Path) -> bool:
-    """A checkpoint whose save finished: ``trainer_state.json`` is the file the Trainer writes last."""
-    return (ckpt / "trainer_state.json").is_file()
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` with a ``trainer_state.json``; torn ones (a save killed midway) are skipped with a warning."""
-    ckpts = sorted((p for p in pathlib.Path(output_dir).glob("checkpoint-*")
-                    if p.is_dir() and p.name.split("-", 1)[1].isdigit()), key=lambda p: int(p.name.split("-", 1)[1]))
-    for ck in reversed(ckpts):
-        if _complete(ck):
-            return str(ck)
-        logger.warning("anchorcontext: skipping %s: incomplete checkpoint (no trainer_state.json; its save was "
-                       "interrupted)", ck)
-    return None
-
-
-def _resolve_resume(training_args) -> str | None:
-    r = training_args.resume_from_checkpoint
-    if r is None or (isinstance(r, str) and r.lower() in ("", "false", "no", "none")):
-        return None
-    out = training_args.output_dir
-    if isinstance(r, bool) or r.lower() in ("last", "latest", "true", "yes"):
-        last = last_complete_checkpoint(out) if os.path.isdir(out) else None
-        if last is None:
-            torn = sorted(p.name for p in pathlib.Path(out).glob("checkpoint-*")) if os.path.isdir(out) else []
-            extra = f" ({', '.join(torn)}: incomplete, no trainer_state.json)" if torn else ""
-            raise FileNotFoundError(f"resume_from_checkpoint={r!r}: no checkpoint-* directory to resume in {out!r}{extra}")
-        return last
-    if not os.path.isdir(r):
-        raise FileNotFoundError(f"resume_from_checkpoint {r!r} is not a checkpoint directory")
-    if not _complete(pathlib.Path(r)):
-        raise FileNotFoundError(f"resume_from_checkpoint {r!r} is incomplete: no trainer_state.json (its save was "
-                                "interrupted); pick an earlier checkpoint")
-    return r
-
-
-RUN_ARGS_FILE = "anchorcontext_args.json"
-# Options that may change between a run and its resumption (where files go, how much is printed or evaluated).
-RESUME_MAY_DIFFER = {
-    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "threads", "plots", "dry_run", "eval_before_after",
-    "eval_tasks", "eval_lengths", "eval_samples", "logging_steps", "logging_dir", "report_to", "run_name",
-    "disable_tqdm", "save_steps", "save_total_limit", "dataloader_num_workers", "per_device_eval_batch_size",
-    "eval_steps", "eval_strategy", "hub_token", "push_to_hub", "max_eval_rows", "local_rank",
-}
-
-
-def _run_args(margs, dargs, aargs, training_args) -> dict:
-    out = {}
-    for part in (vars(margs), vars(dargs), vars(aargs), training_args.to_dict()):
-        out.update({k: _jsonable(v) for k, v in part.items() if k not in RESUME_MAY_DIFFER})
-    return out
-
-
-def record_run_args(directory, margs, dargs, aargs, training_args) -> None:
-    """Write the run's options into ``directory`` (each checkpoint) so a resumption can be checked against them."""
-    pathlib.Path(directory, RUN_ARGS_FILE).write_text(json.dumps(_run_args(margs, dargs, aargs, training_args), indent=1))
-
-
-def check_resume_matches(checkpoint, margs, dargs, aargs, training_args) -> None:
-    """Refuse to resume a checkpoint written by a run with other options; the error names each difference."""
-    f = pathlib.Path(checkpoint, RUN_ARGS_FILE)
-    if not f.is_file():
-        logger.warning("anchorcontext: %s has no %s: cannot check that it belongs to this run", checkpoint, RUN_ARGS_FILE)
-        return
-    then = json.loads(f.read_text())
-    now = _run_args(margs, dargs, aargs, training_args)
-    diff = [f"{k}: {then.get(k)!r} in the checkpoint's run, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
-            if then.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"cannot resume {str(checkpoint)!r}: it was written by a run with other options ("
-                         + "; ".join(diff) + "). Use the same options, or a new --output_dir")
-
-
-class RecordArgsCallback(TrainerCallback):
-    """Writes the run's options into every checkpoint it saves (see :func:`check_resume_matches`)."""
-
-    def __init__(self, *run_args):
-        self.record = _run_args(*run_args)
-
-    def on_save(self, args, state, control, **kw):
-        ck = pathlib.Path(args.output_dir, f"checkpoint-{state.global_step}")
-        if ck.is_dir() and state.is_world_process_zero:
-            (ck / RUN_ARGS_FILE).write_text(json.dumps(self.record, indent=1))
-
-
-def check_output_dir(out: pathlib.Path, resume: str | None, overwrite: bool, *, model_bytes: int = 0) -> None:
-    """Refuse a non-empty output dir (unless resumed or overwritten) and an unwritable or full one, before training."""
-    if out.is_dir() and any(out.iterdir()) and resume is None and not overwrite:
-        held = sorted(p.name for p in out.iterdir())[:5]
-        raise ValueError(f"output_dir {str(out)!r} is not empty (holds {', '.join(held)}); continue it with "
-                         "--resume_from_checkpoint last, write over it with --overwrite_output_dir true, or pick a "
-                         "new --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".anchorcontext-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output_dir {str(out)!r} is not writable: {e.strerror or e}") from None
-    import shutil
-
-    free = shutil.disk_usage(out).free
-    if model_bytes and free < model_bytes:
-        raise ValueError(f"output_dir {str(out)!r} has {free / 2**30:.2f} GiB free; one checkpoint (weights + "
-                         f"optimizer state) needs about {model_bytes / 2**30:.2f} GiB")
 
 
 def _world_dp(training_args, sp_size: int) -> int:
@@ -443,19 +119,6 @@ def _run_eval(model, tokenizer, aargs: AnchorArguments, dargs: DataArguments, se
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
         model.train(was_training)
-
-
-def _eval_brief(res: dict | None) -> dict | None:
-    if res is None:
-        return None
-    if "error" in res and "scores" not in res:
-        return {"error": res["error"]}
-    out = {"average": res.get("average"), "scores": res.get("scores")}
-    ppl = res.get("perplexity")
-    if isinstance(ppl, dict):
-        out["perplexity"] = {k: v for k, v in ppl.items() if k != "records"} if "by_length" not in ppl else {
-            str(L): (v.get("ppl") if isinstance(v, dict) else v) for L, v in ppl["by_length"].items()}
-    return out
 
 
 def run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, training_args,
@@ -645,129 +308,3 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
             print(f"[anchorcontext] interrupted at step {summary['steps']}; checkpoint {last_ckpt}. Resume with:\n"
                   f"  anchorcontext train ... --output_dir {out} --resume_from_checkpoint last", file=sys.stderr)
     return summary
-
-
-def _save_after_failure(trainer, error: Exception) -> Exception:
-    """Save a resumable checkpoint at the last finished step, then return ``error`` with where the run can resume.
-
-    The exception (e.g. a bad record late in a streaming dataset, whose message names its file and line) is
-    re-raised with the checkpoint's path added, so no finished step is lost.
-    """
-    step = trainer.state.global_step
-    where = "no checkpoint (no step had finished)"
-    if step > 0:
-        try:
-            trainer._save_checkpoint(trainer.model, trial=None)
-            where = f"checkpoint {os.path.join(trainer.args.output_dir, f'checkpoint-{step}')} saved at step {step}; " \
-                    "fix the cause and resume with --resume_from_checkpoint last"
-        except Exception as save_error:  # report the training error, not the failed save
-            where = f"saving a checkpoint failed too ({type(save_error).__name__}: {save_error})"
-    logger.error("anchorcontext: training failed at step %d: %s: %s; %s", step, type(error).__name__, error, where)
-    if isinstance(error, FileNotFoundError):
-        return FileNotFoundError(f"{error} ({where})")
-    if isinstance(error, ValueError):
-        return ValueError(f"{error} ({where})")
-    return RuntimeError(f"training failed at step {step}: {type(error).__name__}: {error} ({where})")
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
-# ----------------------------------------------------------------------------------- report, plots
-
-
-def _fmt(x, nd=3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}" if math.isfinite(x) else str(x)
-    return str(x)
-
-
-def _score(e: dict | None) -> str:
-    """``"50.0% @1024"`` from an evaluation brief (``average``: {length: percent})."""
-    if not e:
-        return "-"
-    if "error" in e:
-        return f"(skipped: {e['error'][:60]})"
-    avg = e.get("average")
-    if isinstance(avg, dict):
-        return ", ".join(f"{_fmt(float(v), 1)}% @{k}" for k, v in avg.items())
-    return _fmt(avg, 1)
-
-
-def format_summary(s: dict) -> str:
-    """A short final table."""
-    hb, ha = s.get("heldout_before") or {}, s.get("heldout_after") or {}
-    lb, la = hb.get("heldout_loss"), ha.get("heldout_loss")
-    t = s["timings_s"]
-    rows = [
-        ("model", s["model_source"]),
-        ("attention", f"mask={s['mask']}  positions={s['positions']}  backend={s['attn_backend']}"),
-        ("data", (f"{s['data']['train_rows'] if s['data']['train_rows'] is not None else 'stream of'} rows x "
-                  f"{s['data']['seq_len']} tokens  ({s['data']['source']})")),
-        ("steps", (f"{s['steps']}  ({s['tokens_per_step']} tokens/step"
-                   f"{', interrupted' if s['interrupted'] else ''})")),
-        ("train loss", f"{_fmt(s['first_loss'])} (first step) -> {_fmt(s['last_loss'])} (last step)"),
-        ("held-out loss", f"{_fmt(lb)} -> {_fmt(la)}" + (
-            f"  (ppl {_fmt(math.exp(lb), 2)} -> {_fmt(math.exp(la), 2)})" if lb is not None and la is not None else "")),
-    ]
-    eb, ea = s.get("eval_before"), s.get("eval_after")
-    if eb or ea:
-        rows.append(("RULER-style score", f"{_score(eb)} -> {_score(ea)}"))
-    rows += [
-        ("throughput", f"{_fmt(s['tokens_per_second_median'], 1)} tokens/s (median step)"),
-        ("time", (f"total {t['total']:.0f} s = model {t['model']:.0f} + data {t['data']:.0f} + eval "
-                  f"{t['eval_before'] + t['eval_after']:.0f} + train {t['train']:.0f} + save {t['save']:.0f}")),
-        ("outputs", f"{s['output_dir']}/ (model/, summary.json{', loss.png, throughput.png' if s.get('plots') else ''})"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    line = "-" * 78
-    return "\n".join([line, "anchorcontext train: summary", line, *(f"{k:<{w}}  {v}" for k, v in rows), line])
-
-
-def write_plots(s: dict, out: pathlib.Path) -> list[str]:
-    """``loss.png`` (training loss per step, held-out loss before/after) and ``throughput.png``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("anchorcontext: matplotlib is not installed; no plots (pip install matplotlib)")
-        return []
-    paths = []
-    if s["losses"]:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot([r["step"] for r in s["losses"]], [r["loss"] for r in s["losses"]], marker="o", ms=3, label="train loss")
-        for key, style in (("heldout_before", "--"), ("heldout_after", "-")):
-            v = (s.get(key) or {}).get("heldout_loss")
-            if v is not None:
-                ax.axhline(v, ls=style, color="gray", lw=1, label=f"held-out loss {key.split('_')[1]} ({v:.3f})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
-        q4 = " (dequantised Q4_1 weights)" if "Q4_1" in str(s.get("model_source")) else ""
-        ax.set_title(f"{s['model_name_or_path']}{q4}: mask={s['mask']}, seq_len={s['data']['seq_len']}", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=120)
-        plt.close(fig)
-        paths.append(str(out / "loss.png"))
-    if s["step_times"]:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot([r["step"] for r in s["step_times"]], [r["tokens_per_second"] for r in s["step_times"]], marker="o", ms=3)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"throughput ({s['machine']['device']}, {s['machine']['torch_threads']} threads)")
-        fig.tight_layout()
-        fig.savefig(out / "throughput.png", dpi=120)
-        plt.close(fig)
-        paths.append(str(out / "throughput.png"))
-    return paths
