@@ -32,7 +32,7 @@ from anchorcontext.diagnostics import (
     shifted_position_ids,
 )
 from anchorcontext.diagnostics import cli as diag_cli
-from anchorcontext.diagnostics import rope as R
+from anchorcontext.diagnostics import probe as P
 
 OFFSETS = [0, 4, 15, 17, 100, 1000]
 REF = 16
@@ -118,7 +118,7 @@ def test_first_token_share_constructed_case():
     def acc(v):  # (layers, offsets, L)
         return torch.stack([v, z])[None].double()
 
-    r = ShiftDeviation(setting=R.get_setting("bf16"), offsets=[0, 16], reference_offset=16, length=3,
+    r = ShiftDeviation(setting=P.get_setting("bf16"), offsets=[0, 16], reference_offset=16, length=3,
                        num_sequences=1, row_weight="mean", row=acc(row), first=acc(first), key=acc(key),
                        logit0=acc(torch.tensor([0.0, 2.0, 4.0])))  # fmt: skip
     assert r.attention_difference()[0] == pytest.approx(1 / 3)
@@ -143,7 +143,7 @@ def test_probe_terms_match_dense_float64_oracle():
     n = row_weights(L, "mean")
     module = types.SimpleNamespace(layer_idx=0, is_causal=True)
     for softcap, window in ((None, None), (3.0, 4)):
-        state = R._ProbeState(n_rows=B, length=L, weights=n, qk_upcast=False)
+        state = P.ProbeState(n_rows=B, length=L, weights=n, qk_upcast=False)
         out = state.attend(module, q, k, v, 0.3, window, softcap)
         ke, ve = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         s = q @ ke.transpose(-1, -2) * 0.3
@@ -224,8 +224,8 @@ def test_probe_forward_returns_stock_attention_output(model, ids):
     with torch.no_grad():
         stock = m.model(input_ids=batch, position_ids=pos, attention_mask=torch.ones(3, L)).last_hidden_state
         with probe_model(m, FP64_HF) as net:
-            state = R._ProbeState(n_rows=3, length=L, weights=row_weights(L), qk_upcast=False)
-            probed = net(input_ids=batch, position_ids=pos, **{R.PROBE_KWARG: state}).last_hidden_state
+            state = P.ProbeState(n_rows=3, length=L, weights=row_weights(L), qk_upcast=False)
+            probed = net(input_ids=batch, position_ids=pos, **{P.PROBE_KWARG: state}).last_hidden_state
     assert state.calls == N_LAYERS
     torch.testing.assert_close(probed, stock, rtol=1e-10, atol=1e-10)
 
@@ -316,7 +316,7 @@ def test_model_untouched_and_probe_restored(model, ids):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     rot = model.model.rotary_emb
     with pytest.raises(RuntimeError, match="boom"), probe_model(model, "bf16_angles_bf16"):
-        assert model.config._attn_implementation == R.PROBE_NAME and rot._forward_hooks
+        assert model.config._attn_implementation == P.PROBE_NAME and rot._forward_hooks
         raise RuntimeError("boom")
     assert model.config._attn_implementation == impl
     assert not rot._forward_hooks and not rot._forward_pre_hooks

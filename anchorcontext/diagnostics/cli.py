@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from .rope import DEFAULT_SETTINGS, PAPER_REFERENCE_OFFSET, ROW_WEIGHTS, SETTINGS
+from .probe import DEFAULT_SETTINGS, PAPER_REFERENCE_OFFSET, ROW_WEIGHTS, SETTINGS
 
 #: Default Δ1 values: the paper's list thinned to fit ~3 minutes on a 2-core CPU with SmolLM2-135M.
 DEFAULT_OFFSETS = (0, 4, 15, 17, 50, 200, 1000, 2000)
