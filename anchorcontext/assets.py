@@ -479,7 +479,7 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype 
 
     The weights are **dequantised Q4_1 (4-bit) values**, cast to ``dtype`` (default ``torch.float32``);
     ``config.use_cache = False``; the quantization config is removed so HF Trainer accepts the model.
-    Loading takes ~10 s on a 2-core CPU (the dequantisation is done in numpy by ``gguf``).
+    The dequantisation runs in numpy (``gguf``), so loading takes seconds even on a CPU.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

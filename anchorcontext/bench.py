@@ -64,10 +64,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the dry-run / test size: seconds on a laptop
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512,
              "lengths": [128, 256], "mean_doc": 32.0},
-    # README size: the CPU-goal model at short lengths, a few minutes on 2 cores
+    # README size: the `cpu` preset's model at short lengths
     "quick": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 8192,
               "lengths": [1024, 2048]},
-    # the CPU goal of issue 8
+    # the CPU target: a 4-layer, 512-wide model at 8K and 16K (figures in docs/performance.md)
     "cpu": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 8192,
             "lengths": [8192, 16384]},
     # ~1.1B Llama (Llama-3.2-1B shape: 16 layers, hidden 2048, 32 heads, 8 KV heads, MLP 8192; vocab cut to

@@ -176,7 +176,7 @@ def varlen_gather(*args, **kw):
         return varlen_attention(*args, **kw)
 
 
-# FlexAttention kernel_options variants (issue 16 item 3), each compiled once per (L, mask). ROWS_GUARANTEED_SAFE holds
+# FlexAttention kernel_options variants, each compiled once per (L, mask). ROWS_GUARANTEED_SAFE holds
 # for every mask (each query sees itself); BLOCKS_ARE_CONTIGUOUS holds for full/intra_doc only (the anchor column
 # breaks it), so it runs only there; BACKEND=FLASH is torch's FA4 (cute-dsl) flex kernel, where installed.
 FLEX_VARIANTS = {

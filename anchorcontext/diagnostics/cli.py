@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from .probe import DEFAULT_SETTINGS, PAPER_REFERENCE_OFFSET, ROW_WEIGHTS, SETTINGS
 
-#: Default Δ1 values: the paper's list thinned to fit ~3 minutes on a 2-core CPU with SmolLM2-135M.
+#: Default Δ1 values: the paper's list thinned so the default run stays short on a CPU (timings: docs/rope-precision.md).
 DEFAULT_OFFSETS = (0, 4, 15, 17, 50, 200, 1000, 2000)
 DEFAULT_LENGTHS = (64, 128, 256, 512)
 USAGE = (
@@ -56,8 +56,8 @@ class RopeDiagnoseArguments:
     threads: int = field(
         default=1,
         metadata={
-            "help": "torch intra-op threads; 0 keeps torch's default. 1 is the "
-            "fastest on a busy 2-core machine, where OpenMP barriers stall the probe's many small ops"
+            "help": "torch intra-op threads; 0 keeps torch's default. 1 avoids "
+            "OpenMP barrier stalls on the probe's many small ops on small, busy machines"
         },
     )
     plots: bool = field(default=True, metadata={"help": "write PNG plots (--no-plots to skip)"})
