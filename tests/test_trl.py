@@ -199,3 +199,48 @@ def test_a_collator_without_anchor_layout_is_refused(tmp_path):
         AnchorSFTTrainer(model=tiny_llama(len(tok)), args=config(tmp_path), processing_class=tok,
                          train_dataset=Dataset.from_dict({"text": texts(2)}),
                          data_collator=transformers.DataCollatorWithPadding(tok))
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example_inputs(tmp_path):
+    import json
+
+    tok = tokenizer()
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 12), ("test", 4)):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(n, seed=len(split))))
+    return ["--config", str(EXAMPLES / "trl_sft.yaml"), "--model_name_or_path", str(tmp_path / "model"),
+            "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--max_length", "24",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--bf16", "false",
+            "--dtype", "float32", "--use_cpu", "true", "--logging_steps", "1", "--warmup_steps", "0"]
+
+
+def _run(cmd, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, *cmd], check=False, env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_example_script_with_its_yaml_trains_at_tiny_size(tmp_path):
+    log = _run([str(EXAMPLES / "trl_sft.py"), *_example_inputs(tmp_path)], tmp_path)
+    assert "'rows':" in log and (tmp_path / "out" / "model.safetensors").exists()
+    assert "'loss'" in log
+
+
+def test_example_under_accelerate_launch_single_process(tmp_path):
+    log = _run(["-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate_trl.yaml"),
+                "--num_processes", "1", "--cpu", "--mixed_precision", "no",
+                str(EXAMPLES / "trl_sft.py"), *_example_inputs(tmp_path)], tmp_path)
+    assert "'rows':" in log and (tmp_path / "out" / "model.safetensors").exists()
