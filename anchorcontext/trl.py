@@ -70,8 +70,9 @@ class AnchorSFTTrainer(SFTTrainer):
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, *args_rest, mask: str = "anchor",
                  positions: str = "continuous", backend: str = "auto", overflow: str = "split",
                  pack_batch_size: int = 1000, **kwargs):
-        if args is None:
-            raise ValueError("AnchorSFTTrainer needs args=SFTConfig(output_dir=..., max_length=<packed row length>)")
+        if args is None:  # TRL's own default: SFTConfig("<model name>-SFT"), max_length=1024 = the row length
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = SFTConfig(f"{name.rstrip('/').split('/')[-1]}-SFT")
         args, self.seq_len = anchor_sft_config(args)
         if data_collator is not None and not isinstance(data_collator, AnchorCollator):
             raise ValueError(f"data_collator must be an anchorcontext.AnchorCollator (or None), got "
@@ -90,7 +91,8 @@ class AnchorSFTTrainer(SFTTrainer):
             patch_model(self.model, backend=backend)
         if data_collator is None:
             anchor, pad = self._anchor_ids()
-            self.data_collator = AnchorCollator(anchor_id=anchor, pad_id=pad, mask=mask, positions=positions)
+            self.data_collator = AnchorCollator(anchor_id=anchor, pad_id=pad, mask=mask, positions=positions,
+                                                pad_to_multiple_of=args.pad_to_multiple_of)
 
     def _anchor_ids(self) -> tuple[int, int]:
         tok = self._tokenizer

@@ -244,3 +244,23 @@ def test_example_under_accelerate_launch_single_process(tmp_path):
                 "--num_processes", "1", "--cpu", "--mixed_precision", "no",
                 str(EXAMPLES / "trl_sft.py"), *_example_inputs(tmp_path)], tmp_path)
     assert "'rows':" in log and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_trl_defaults_bf16_and_gradient_checkpointing_train_on_cpu(tmp_path):
+    tok = tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path), max_length=24, per_device_train_batch_size=2, max_steps=2,
+                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    assert args.bf16 and args.gradient_checkpointing  # TRL's defaults, kept
+    trainer = AnchorSFTTrainer(model=tiny_llama(len(tok)), args=args, train_dataset=Dataset.from_dict({"text": texts()}),
+                               processing_class=tok)
+    trainer.train()
+    got = losses(trainer)
+    assert len(got) == 2 and all(torch.isfinite(torch.tensor(got)))
+
+
+def test_pad_to_multiple_of_reaches_the_collator(tmp_path):
+    tok = tokenizer()
+    trainer = AnchorSFTTrainer(model=tiny_llama(len(tok)), args=config(tmp_path, pad_to_multiple_of=32),
+                               train_dataset=Dataset.from_dict({"text": texts(4)}), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert batch["input_ids"].shape == (1, 32) and (batch["labels"][0, 24:] == -100).all()
