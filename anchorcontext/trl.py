@@ -105,14 +105,7 @@ class AnchorSFTTrainer(SFTTrainer):
         packer = DocumentPacker(seq_len=self.seq_len, anchor_id=anchor, pad_id=pad, vocab_size=len(self._tokenizer),
                                 overflow=self._anchor_opts["overflow"])
         self.pack_stats[dataset_name] = packer.stats
-
-        def pack(batch):
-            rows = packer(batch)
-            if "labels" in batch and "labels" not in rows:
-                _refuse_lost_labels(batch)
-            return rows
-
-        packed = dataset.map(pack, batched=True, batch_size=self._anchor_opts["batch_size"],
+        packed = dataset.map(packer, batched=True, batch_size=self._anchor_opts["batch_size"],
                              remove_columns=list(dataset.column_names or []))
         if hasattr(packed, "__len__"):
             logger.info("anchorcontext.trl: %s dataset packed into %d rows of %d tokens: %s", dataset_name,
@@ -129,13 +122,3 @@ class AnchorSFTTrainer(SFTTrainer):
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return out
 
-
-def _refuse_lost_labels(batch: dict) -> None:
-    """This version's packer keeps no ``labels``: refuse when they differ from the token ids (a real loss mask)."""
-    for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
-        if list(ids) != list(labels):
-            raise ValueError(
-                f"document {i} carries a loss mask (labels differ from input_ids, e.g. completion_only_loss or "
-                "assistant_only_loss) that this anchorcontext's DocumentPacker cannot keep through packing; "
-                "update anchorcontext or set completion_only_loss=False / assistant_only_loss=False"
-            )

@@ -76,7 +76,7 @@ def test_sft_trainer_trains_and_matches_plain_trainer_on_the_same_packed_rows(tm
                                processing_class=tok)
     assert ac.is_patched(trainer.model)
     rows = trainer.train_dataset
-    assert set(rows.column_names) == {"input_ids", "doc_lens"} and all(len(r) == 24 for r in rows["input_ids"])
+    assert set(rows.column_names) == {"input_ids", "doc_lens", "labels"} and all(len(r) == 24 for r in rows["input_ids"])
     assert all(r[0] == tok.bos_token_id for r in rows["input_ids"])
     trainer.train()
     got = losses(trainer)
@@ -108,8 +108,6 @@ def test_num_tokens_counts_every_real_token_of_the_batch(tmp_path):
     assert logged == [real]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="needs AnchorCollator/DocumentPacker to keep incoming labels (branch layout); "
-                   "until then AnchorSFTTrainer refuses a loss mask it cannot keep")
 def test_prompt_tokens_carry_no_loss_for_prompt_completion_data(tmp_path):
     tok = tokenizer()
     prompts, completions = texts(8, seed=1, lo=2, hi=6), texts(8, seed=2, lo=2, hi=6)
@@ -123,19 +121,6 @@ def test_prompt_tokens_carry_no_loss_for_prompt_completion_data(tmp_path):
     assert targets == expected  # exactly the completions (+ EOS), in order; no prompt token
     trainer.train()
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
-
-
-def test_prompt_completion_loss_mask_is_never_silently_dropped(tmp_path):
-    """Until the packer keeps labels, a real loss mask is refused rather than trained on the whole sequence."""
-    tok = tokenizer()
-    ds = Dataset.from_dict({"prompt": texts(4, seed=1), "completion": [" " + t for t in texts(4, seed=2)]})
-    try:
-        trainer = AnchorSFTTrainer(model=tiny_llama(len(tok)), args=config(tmp_path), train_dataset=ds,
-                                   processing_class=tok)
-    except ValueError as e:
-        assert "loss mask" in str(e)
-        return
-    assert "labels" in trainer.train_dataset.column_names
 
 
 def test_lora_via_peft_config_trains_only_the_adapters(tmp_path):
@@ -164,7 +149,7 @@ def test_eval_during_training_with_gradient_checkpointing(tmp_path):
         model=tiny_llama(len(tok)), train_dataset=ds, eval_dataset=ev, processing_class=tok,
         args=config(tmp_path, eval_strategy="steps", eval_steps=2, gradient_checkpointing=True),
     )
-    assert set(trainer.eval_dataset.column_names) == {"input_ids", "doc_lens"}
+    assert set(trainer.eval_dataset.column_names) == {"input_ids", "doc_lens", "labels"}
     trainer.train()
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert evals and all(torch.isfinite(torch.tensor(evals)))
@@ -276,8 +261,6 @@ def conversations(n=8):
                                                  for x, y in zip(q, a, strict=True)]})
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="needs AnchorCollator/DocumentPacker to keep incoming labels (branch layout); "
-                   "until then AnchorSFTTrainer refuses a loss mask it cannot keep")
 def test_assistant_only_loss_keeps_only_the_assistant_tokens_as_targets(tmp_path):
     tok = tokenizer()
     tok.chat_template = CHAT
