@@ -502,3 +502,40 @@ def test_property_random_layouts_match_reference(ids, mode, window, gqa, standin
         out, grads = run(fn, q, k, v, layout, dout, sliding_window=window)
         for a, b in zip((out, *grads), (expected[0], *expected[1])):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ non-finite values stay in their document
+
+NAN_IDS = [0] + [1] * 9 + [2] * 12 + [3] * 7 + [-1] * 4  # anchor, three documents, padding
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", list(TRAINABLE))
+def test_nonfinite_value_reaches_only_the_queries_that_see_it(backend, bad, mode, standin):
+    """One NaN/inf in document 2's values changes exactly the queries allowed to see that key: document 1, the
+    anchor, document 3 and padding keep their clean output bit for bit (a masked value never enters the product),
+    and the other documents keep their gradients."""
+    ids = torch.tensor([NAN_IDS])
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    n = ids.shape[1]
+    q, k, v = make_qkv(1, 2, 2, n, 8, torch.float32)
+    pos = 14  # document 2's 5th token
+    v_bad = v.clone()
+    v_bad[0, 1, pos, 3] = bad
+    dout = torch.randn(1, n, 2, 8)
+    out, grads = run(TRAINABLE[backend], q, k, v, layout, dout)
+    out_bad, grads_bad = run(TRAINABLE[backend], q, k, v_bad, layout, dout)
+    sees = layout.dense_mask()[0, :, pos]  # queries allowed to see the poisoned key
+    assert sees.any() and not sees.all()
+    assert not torch.isfinite(out_bad[0, sees, 1, 3]).any()  # those that see it do get it
+    assert torch.isfinite(out_bad[0, :, 0]).all()  # head 0 never reads the poisoned head-1 value
+    iso = ids[0] != 2  # the anchor, documents 1 and 3, padding
+    if backend.startswith("reference"):  # exact: every query that may not see the key, document 2's earlier ones too
+        assert torch.equal(out_bad[0, ~sees], out[0, ~sees])
+    if mode == "full":  # one causal segment: later documents see the key (kernels: 0 * NaN reaches earlier ones)
+        return
+    assert torch.equal(out_bad[0, iso], out[0, iso])
+    iso[0] = mode != "anchor"  # the anchor's dk/dv collect document 2's (NaN) queries in anchor mode
+    for g, g_bad in zip(grads, grads_bad):
+        assert torch.equal(g_bad[0, :, iso], g[0, :, iso])
