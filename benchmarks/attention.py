@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anchorcontext.attention import cpu_kernel, flex_attention_backend, sdpa_attention, varlen_attention
+from anchorcontext.attention import cpu_kernel, flex_attention, sdpa_attention, varlen_attention
 from anchorcontext.attention import varlen as _varlen
 from anchorcontext.attention.flex import block_mask_for
 from anchorcontext.bench import PeakMemory, machine_info
@@ -136,7 +136,7 @@ def available_backends(device: torch.device, wanted: list[str] | None) -> list[t
         out.append(("flex", True, ""))
         why = _varlen.unavailable_reason(device)
         if why is None:
-            fn, src = _varlen.flash_attn_func()
+            fn, src = _varlen.flash_varlen_kernel()
             out.append(("varlen", True, src if fn is not None else "torch varlen_attn"))
         else:
             print(f"# varlen skipped: {why}", file=sys.stderr)
@@ -155,7 +155,7 @@ def sdpa_stock(*args, **kw):
         return sdpa_attention(*args, **kw)
 
 
-BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention_backend, "varlen": varlen_attention}
+BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention, "varlen": varlen_attention}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_options, check_qkv, default_scaling
+from ._common import Backend, check_options, check_qkv, default_scaling
 
 
 def reference_attention(
@@ -57,3 +57,12 @@ def _masked_pv(p: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch
     pos, neg = seen(a, v == float("inf")), seen(a, v == float("-inf"))
     poison = torch.zeros_like(out).masked_fill(pos, float("inf")).masked_fill(neg, float("-inf"))
     return out + poison.masked_fill(nan | (pos & neg), float("nan"))
+
+
+BACKEND = Backend(
+    name="reference",
+    fn=reference_attention,
+    unavailable_reason=lambda device, dtype, options: None,
+    train_reason=lambda device: "dense O(L^2) oracle, not a training path",
+    help="dense float64 oracle, O(L^2) memory (tests; auto's last resort: softcap on CPU)",
+)

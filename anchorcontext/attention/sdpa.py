@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernel
-from ._common import check_options, check_qkv, default_scaling
+from ._common import Backend, check_options, check_qkv, default_scaling
 
 
 def _band_mask(nq: int, nk: int, q0: int, window: int, device) -> torch.Tensor:
@@ -275,3 +275,15 @@ def _blockwise_sdpa(query, key, value, layout, *, scale, window, dropout):
             row_out.append(o)
         outs.append(torch.cat(row_out, dim=1) if len(row_out) > 1 else row_out[0])
     return torch.stack(outs).transpose(1, 2)
+
+
+BACKEND = Backend(
+    name="sdpa",
+    fn=sdpa_attention,
+    unavailable_reason=lambda device, dtype, options: (
+        None if options.get("softcap") is None
+        else "sdpa cannot apply softcap; using the dense reference backend (O(L^2) memory)"
+    ),
+    train_reason=lambda device: None,
+    help="per-document causal SDPA (compiled CPU kernel on CPU): trains on CPU and GPU, O(L) memory, no softcap",
+)

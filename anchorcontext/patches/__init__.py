@@ -209,10 +209,9 @@ def patch_model(model, *, backend: str = "auto"):
     :class:`anchorcontext.AnchorCollator`); forwards without ``anchor_*`` keys behave exactly like the
     previous implementation. Idempotent (a second call only updates ``backend``); undo with :func:`unpatch_model`.
     """
-    from ..attention.dispatch import BACKENDS
+    from ..attention.registry import check_backend
 
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    check_backend(backend)
     register()
     if _peft_prompt_learning(model):
         raise ValueError(
