@@ -682,3 +682,20 @@ def test_gather_rows_sums_repeated_rows_in_float32():
     # one final bf16 rounding of the exact sum, not 600 accumulated ones
     assert (err <= exact.abs() * 2**-8 + 1e-6).all(), err.max()
     assert x.grad.dtype == torch.bfloat16
+
+
+def test_flex_nonfinite_value_stays_in_its_block_row_and_head():
+    """FlexAttention (CPU, forward) skips only fully masked blocks: inside a partially masked block a masked key's
+    NaN value enters P @ V with weight 0 (documented in docs/architecture.md; tests/gpu checks CUDA). It still never
+    leaves its batch row and head, and every query allowed to see it gets it."""
+    ids = torch.tensor([[0] + [1] * 20 + [2] * 30 + [3] * 13] * 2)  # FLEX_VARIANTS["anchor"] shapes: no recompile
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
+    pos = 30  # document 2
+    v_bad = v.clone()
+    v_bad[0, 1, pos, 3] = float("nan")
+    with torch.no_grad():
+        out, out_bad = flex_attention(q, k, v, layout), flex_attention(q, k, v_bad, layout)
+    assert not torch.isfinite(out_bad[0, layout.dense_mask()[0, :, pos], 1, 3]).any()
+    assert torch.equal(out_bad[1], out[1]) and torch.equal(out_bad[0, :, 0], out[0, :, 0])
+    assert torch.equal(out_bad[0, :, 1, :3], out[0, :, 1, :3])  # other value columns of the same head
