@@ -22,9 +22,10 @@ import logging
 import flash_standin
 import pytest
 import torch
+from golden_masks import GOLDEN, GOLDEN_WINDOW3, golden_ids, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layout import GOLDEN, GOLDEN_WINDOW3, doc_id_batches, golden_ids, parse
+from test_layout import doc_id_batches
 
 from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import (
