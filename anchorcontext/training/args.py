@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..attention.registry import backend_choices, backend_help, check_backend
 from ..layout import check_mask
 from ..packing import check_positions
 
@@ -181,7 +182,7 @@ class AnchorArguments:
 
     mask: str = field(default="anchor", metadata={"help": "anchor | intra_doc | full"})
     positions: str = field(default="continuous", metadata={"help": "continuous | reset"})
-    attn_backend: str = field(default="auto", metadata={"help": "auto | sdpa | flex | varlen | reference"})
+    attn_backend: str = field(default="auto", metadata={"help": backend_help(), "choices": backend_choices()})
     sp_size: int = field(default=1, metadata={"help": "sequence-parallel group size (Ulysses); 1 = off"})
     tokens_per_step: int | None = field(default=None, metadata={"help": "derive gradient accumulation from it"})
     eval_before_after: bool = field(default=True, metadata={"help": "held-out loss + RULER-style eval before/after"})
@@ -200,10 +201,7 @@ class AnchorArguments:
     def __post_init__(self):
         check_mask(self.mask)
         check_positions(self.positions)
-        from ..attention.dispatch import BACKENDS
-
-        if self.attn_backend != "auto" and self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be 'auto' or one of {sorted(BACKENDS)}, got {self.attn_backend!r}")
+        check_backend(self.attn_backend, "attn_backend")
         _positive_int("sp_size", self.sp_size)
         _positive_int("tokens_per_step", self.tokens_per_step, allow_none=True)
         _positive_int("eval_samples", self.eval_samples)
