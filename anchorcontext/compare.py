@@ -549,7 +549,8 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
                     str(seed), "--output_dir", str(run_dir), "--eval_before_after", "false",
                     "--plots", str(bool(opts.plots)).lower()]  # fmt: skip
         m, d, a, t = parse_args(run_argv, defaults=train_defaults)
-        cfg = {"model": _jsonable(vars(m)), "data": _jsonable(vars(d)), "anchor": _jsonable(vars(a)),
+        cfg = {"model": _jsonable(vars(m)), "data": _jsonable(vars(d)),
+               "anchor": {k: _jsonable(v) for k, v in vars(a).items() if k != "plots"},
                "training": {k: _jsonable(v) for k, v in t.to_dict().items()
                             if k not in ("logging_dir", "output_dir")}}  # fmt: skip
         chash = _config_hash(cfg)
