@@ -149,3 +149,17 @@ def test_variant_names_and_cli_error(tmp_path, capsys):
     bad.write_text("model_name_or_path: tiny\ncompare:\n  variant: [full]\n")
     assert main(["--config", str(bad), "--out", str(tmp_path)]) == 2
     assert "unknown key 'variant'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("compare_*.yaml")))
+def test_compare_presets_parse(name):
+    from anchorcontext.compare import load_compare_config
+    from anchorcontext.training import parse_args
+
+    train, block = load_compare_config(ROOT / "configs" / name)
+    opts = CompareOptions(**block)
+    m, d, a, t = parse_args([], defaults=train)
+    assert opts.variants and a.eval_tasks and d.seq_len >= 128
+    if name == "compare_smollm2_gpu.yaml":  # the paper's RoPE-theta scaling at 16K, evaluated beyond it
+        assert (m.model_name_or_path, m.dtype, m.rope_theta, d.seq_len) == ("smollm2", "bfloat16", 1e6, 16384)
+        assert max(a.eval_lengths) > d.seq_len and opts.eval_dtype == "bfloat16"
