@@ -34,20 +34,164 @@ document's tokens ``0..i``. For ``intra_doc`` and ``full``, ``kv_index`` is ``No
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 MASKS = ("anchor", "intra_doc", "full")
+POSITIONS = ("continuous", "reset")
 ANCHOR_ID = 0
 PAD_ID = -1
+IGNORE_INDEX = -100  # the label HF's (and our) cross-entropy ignores
 
 
 def check_mask(mask: str) -> str:
+    """The one validator of the ``mask`` option."""
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
     return mask
+
+
+def check_positions(positions: str) -> str:
+    """The one validator of the ``positions`` option."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    return positions
+
+
+def int_array(values, name: str) -> np.ndarray:
+    """``values`` (a list, array or tensor of integers) as a 1-D int64 array; a non-integral value (``5.7``) or a
+    bool raises ``ValueError`` naming ``name`` and the position, never a silent cast."""
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a flat list of integers, got shape {arr.shape}")
+    if arr.dtype.kind == "b" or (isinstance(values, list | tuple) and any(type(v) is bool for v in values)):
+        raise ValueError(f"{name} must hold integers, got bool")
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    try:
+        num = arr.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold integers, got {arr.dtype} values (e.g. {arr[0]!r})") from None
+    bad = np.nonzero(num != np.round(num))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}[{i}] = {float(num[i]):g} is not an integer")
+    return num.astype(np.int64)
+
+
+def doc_ids_from_lens(doc_lens: Sequence[int], seq_len: int) -> np.ndarray:
+    """``(seq_len,)`` int64 doc ids of one row: anchor 0, documents 1..n, padding -1."""
+    lens = int_array(doc_lens, "doc_lens")
+    used = int(lens.sum())
+    if (lens <= 0).any() or used > seq_len - 1:
+        raise ValueError(f"doc_lens {list(map(int, lens))} do not fit a row of seq_len={seq_len} (need > 0 and sum <= seq_len - 1)")
+    out = np.full(seq_len, PAD_ID, dtype=np.int64)
+    out[0] = ANCHOR_ID
+    out[1 : 1 + used] = np.repeat(np.arange(1, lens.size + 1, dtype=np.int64), lens)
+    return out
+
+
+def local_offsets(doc_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` int64: each token's offset from the start of its run of equal doc ids (a document's first
+    token 0, the anchor 0, the padding run counted from its start)."""
+    B, L = doc_ids.shape
+    pos = torch.arange(L, device=doc_ids.device).expand(B, L)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return pos - start
+
+
+# ---- the mask predicate, written once as composable mask_mods (attention-gym style) ----------------------------
+# A mask_mod is ``fn(b, h, q, kv) -> bool tensor``. FlexAttention calls it with 0-dim index tensors (vmapped);
+# :func:`dense_mask` calls it with broadcastable index grids. Both see the same predicate.
+MaskMod = Callable[..., torch.Tensor]
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    """The conjunction of ``mods`` (True where every one allows)."""
+
+    def and_mask(b, h, q, kv):
+        out = mods[0](b, h, q, kv)
+        for m in mods[1:]:
+            out = out & m(b, h, q, kv)
+        return out
+
+    and_mask.__name__ = "and_masks(" + ", ".join(m.__name__ for m in mods) + ")"
+    return and_mask
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    """The disjunction of ``mods`` (True where any one allows)."""
+
+    def or_mask(b, h, q, kv):
+        out = mods[0](b, h, q, kv)
+        for m in mods[1:]:
+            out = out | m(b, h, q, kv)
+        return out
+
+    or_mask.__name__ = "or_masks(" + ", ".join(m.__name__ for m in mods) + ")"
+    return or_mask
+
+
+def causal(b, h, q, kv):
+    return kv <= q
+
+
+def document_mask_mods(doc_ids: torch.Tensor) -> dict[str, MaskMod]:
+    """The building blocks over ``doc_ids (B, L)``: ``same_document`` (padding is one run of its own) and
+    ``is_anchor`` (key 0, for every non-pad query)."""
+    doc = doc_ids
+
+    def same_document(b, h, q, kv):
+        return doc[b, q] == doc[b, kv]
+
+    def is_anchor(b, h, q, kv):
+        return (kv == 0) & (doc[b, q] >= 0)
+
+    return {"same_document": same_document, "is_anchor": is_anchor}
+
+
+def sliding_window_mod(doc_ids: torch.Tensor, mask: str, window: int) -> MaskMod:
+    """``q - kv < window`` (HF convention), measured for ``anchor`` in the frame of ``[anchor] + document``:
+    a token at document offset ``j`` sees the anchor iff ``j + 1 < window``. The window is a 0-dim tensor, so
+    a compiled kernel takes it as an input (one compile for every size)."""
+    doc = doc_ids
+    win = torch.full((), int(window), dtype=torch.int64, device=doc.device)
+    local = local_offsets(doc) + 1 if mask == "anchor" else None
+
+    def sliding_window(b, h, q, kv):
+        near = (q - kv) < win
+        if local is not None:
+            near = torch.where((kv == 0) & (doc[b, q] > 0), local[b, q] < win, near)
+        return near
+
+    return sliding_window
+
+
+def mask_mod_for(doc_ids: torch.Tensor, mask: str = "anchor", sliding_window: int | None = None) -> MaskMod:
+    """The mask predicate of ``mask`` over ``doc_ids``: ``anchor = causal & (same_document | is_anchor)``,
+    ``intra_doc = causal & same_document``, ``full = causal``; ``& sliding_window`` when a window is given."""
+    check_mask(mask)
+    parts = document_mask_mods(doc_ids)
+    if mask == "full":
+        mod = causal
+    elif mask == "intra_doc":
+        mod = and_masks(causal, parts["same_document"])
+    else:
+        mod = and_masks(causal, or_masks(parts["same_document"], parts["is_anchor"]))
+    if sliding_window is not None:
+        mod = and_masks(mod, sliding_window_mod(doc_ids, mask, sliding_window))
+    name = f"{mask}_mask" + ("" if sliding_window is None else f"_window{int(sliding_window)}")
+    named = mod if mod is not causal else and_masks(causal)
+    named.__name__ = name
+    return named
 
 
 def validate_doc_ids(doc_ids: Any) -> torch.Tensor:
@@ -99,7 +243,10 @@ def validate_doc_ids(doc_ids: Any) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class AnchorLayout:
-    """Varlen metadata for one packed batch and one mask mode. Build with :meth:`from_doc_ids`.
+    """Varlen metadata for one packed batch and one mask mode. Build with :meth:`from_doc_ids` or
+    :meth:`from_doc_lens`. The one place boundaries are derived: :meth:`position_ids`, :meth:`labels`,
+    :attr:`local_offsets`, :meth:`mask_mod`, :meth:`segment_plan` / :meth:`segment_table`; derived data is
+    cached per layout with :meth:`cached`.
 
     Attributes (``S`` query segments, ``T = B*L`` tokens):
         doc_ids: ``(B, L)`` int64, the input.
@@ -135,6 +282,67 @@ class AnchorLayout:
     @property
     def num_segments(self) -> int:
         return len(self.seqlens_q)
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per layout and ``key``: derived data (a BlockMask, a segment table) shared by every
+        layer of a forward and its backward."""
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = build()
+        return hit
+
+    @classmethod
+    def from_doc_lens(cls, doc_lens: Sequence[Sequence[int]], seq_len: int, mask: str = "anchor") -> AnchorLayout:
+        """The layout of rows of ``seq_len`` tokens holding documents of ``doc_lens[b]`` (anchor first, padding
+        last); raises ``ValueError`` naming the row whose lengths do not fit."""
+        rows = []
+        for b, lens in enumerate(doc_lens):
+            try:
+                rows.append(doc_ids_from_lens(lens, seq_len))
+            except ValueError as e:
+                raise ValueError(f"row {b}: {e}") from None
+        if not rows:
+            raise ValueError("doc_lens is an empty batch: no rows")
+        return cls.from_doc_ids(torch.from_numpy(np.stack(rows)), mask, validate=False)
+
+    @property
+    def local_offsets(self) -> torch.Tensor:
+        """``(B, L)`` each token's offset in its document (0 at a document's first token; see :func:`local_offsets`)."""
+        return self.cached(("local_offsets",), lambda: local_offsets(self.doc_ids))
+
+    def position_ids(self, policy: str = "continuous") -> torch.Tensor:
+        """``(B, L)`` int64 position ids. ``continuous``: 0..L-1; ``reset``: anchor 0, each document 1..n_i,
+        padding its row index."""
+        return position_ids_for_doc_ids(self.doc_ids, policy, self.local_offsets)
+
+    def labels(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L)`` labels: ``labels`` (default: ``input_ids``) with ``-100`` added at the anchor, at the first
+        token of documents 2..n (its prediction would come from a document it cannot see) and at padding."""
+        return labels_for_doc_ids(input_ids if labels is None else labels, self.doc_ids)
+
+    def mask_mod(self, sliding_window: int | None = None) -> MaskMod:
+        """The mask predicate of this layout (see :func:`mask_mod_for`)."""
+        return mask_mod_for(self.doc_ids, self.mask, sliding_window)
+
+    def segment_plan(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        """Per row, its query segments ``(s, n, a)``: start in the row, length, 1 if the row's anchor is
+        prepended to the keys. Cached."""
+
+        def build():
+            rows: list[list[tuple[int, int, int]]] = [[] for _ in range(self.batch_size)]
+            pos = [0] * self.batch_size
+            for n, r, a in zip(self.seqlens_q, self.seg_row, self.seg_anchor):
+                rows[r].append((pos[r], n, int(a)))
+                pos[r] += n
+            return tuple(tuple(r) for r in rows)
+
+        return self.cached(("segment_plan",), build)
+
+    def segment_table(self) -> torch.Tensor:
+        """``(S, 4)`` int64 CPU rows ``(b, s, n, a)`` of :meth:`segment_plan` (for a compiled kernel). Cached."""
+        return self.cached(("segment_table",), lambda: torch.tensor(
+            [(b, s, n, a) for b, segs in enumerate(self.segment_plan()) for s, n, a in segs], dtype=torch.int64
+        ).reshape(-1, 4))
 
     @classmethod
     def from_doc_ids(cls, doc_ids: torch.Tensor, mask: str = "anchor", *, validate: bool = True) -> AnchorLayout:
@@ -195,10 +403,7 @@ class AnchorLayout:
         device = torch.device(device)
         if self.doc_ids.device == device or (device.index is None and self.doc_ids.device.type == device.type):
             return self
-        cached = self._cache.get(("to", str(device)))
-        if cached is not None:
-            return cached
-        moved = AnchorLayout(
+        return self.cached(("to", str(device)), lambda: AnchorLayout(
             doc_ids=self.doc_ids.to(device, non_blocking=non_blocking),
             mask=self.mask,
             cu_seqlens_q=self.cu_seqlens_q.to(device, non_blocking=non_blocking),
@@ -210,9 +415,7 @@ class AnchorLayout:
             seqlens_k=self.seqlens_k,
             seg_row=self.seg_row,
             seg_anchor=self.seg_anchor,
-        )
-        self._cache[("to", str(device))] = moved
-        return moved
+        ))
 
     def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """``(B, L, L)`` bool mask, True = may attend. For the reference and tests only (O(L^2))."""
@@ -227,37 +430,35 @@ class AnchorLayout:
 def dense_mask(doc_ids: torch.Tensor, mask: str = "anchor", sliding_window: int | None = None) -> torch.Tensor:
     """Dense ``(B, L, L)`` bool mask for ``doc_ids``; the specification every backend must match.
 
+    It evaluates :func:`mask_mod_for` (the predicate flex's BlockMask is built from) on the full index grid.
     Sliding window (size ``W``, HF convention ``q - k < W``) is applied in the frame of the segment run
     alone: for ``anchor`` a token at document offset ``j`` sits at local index ``j + 1`` of
     ``[anchor] + document``, so the anchor is visible iff ``j + 1 < W``.
     """
-    check_mask(mask)
     d = doc_ids.to(torch.int64)
     B, L = d.shape
     idx = torch.arange(L, device=d.device)
-    causal = idx[None, :] <= idx[:, None]  # (Lq, Lk)
-    if mask == "full":
-        allowed = causal.expand(B, L, L).clone()
-        same = None
-    else:
-        same = d[:, :, None] == d[:, None, :]
-        allowed = causal & same
-        if mask == "anchor":
-            allowed = allowed | ((idx[None, None, :] == 0) & (d[:, :, None] >= 0))
-    if sliding_window is not None:
-        W = int(sliding_window)
-        dist = idx[:, None] - idx[None, :]
-        in_win = (dist < W)[None].expand(B, L, L)
-        if mask == "anchor":
-            # offset of each query within its document (doc start = first index with that doc id)
-            start = torch.zeros_like(d)
-            new = torch.ones_like(d, dtype=torch.bool)
-            new[:, 1:] = d[:, 1:] != d[:, :-1]
-            pos = idx.expand(B, L)
-            start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
-            local = pos - start + 1  # local index in [anchor] + document
-            anchor_vis = (local < W) & (d > 0)
-            is_anchor_key = (idx == 0)[None, None, :] & (d[:, :, None] > 0)
-            in_win = torch.where(is_anchor_key, anchor_vis[:, :, None].expand(B, L, L), in_win)
-        allowed = allowed & in_win
-    return allowed
+    mod = mask_mod_for(d, mask, sliding_window)
+    allowed = mod(torch.arange(B, device=d.device)[:, None, None], None, idx[None, :, None], idx[None, None, :])
+    return allowed.expand(B, L, L).contiguous()
+
+
+def position_ids_for_doc_ids(doc_ids: torch.Tensor, positions: str = "continuous",
+                             offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, L)`` int64 position ids for ``doc_ids`` (see :meth:`AnchorLayout.position_ids`)."""
+    check_positions(positions)
+    B, L = doc_ids.shape
+    pos = torch.arange(L, device=doc_ids.device).expand(B, L)
+    if positions == "continuous":
+        return pos.clone()
+    reset = (local_offsets(doc_ids) if offsets is None else offsets) + 1
+    return torch.where(doc_ids > 0, reset, torch.where(doc_ids == 0, torch.zeros_like(pos), pos))
+
+
+def labels_for_doc_ids(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """A copy of ``labels`` with ``-100`` at the anchor, the first token of documents 2..n, and padding."""
+    out = labels.clone()
+    first = torch.zeros_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]) & (doc_ids[:, 1:] > 1)
+    out[(doc_ids <= 0) | first] = IGNORE_INDEX
+    return out

@@ -10,7 +10,9 @@ or dropped (``last="drop"``, counted).
 
 Row format (a dict of plain lists, Arrow friendly): ``input_ids`` (``seq_len`` ints), ``doc_lens`` (lengths
 of the row's documents/chunks, anchor and padding excluded; padding = ``seq_len - 1 - sum(doc_lens)``),
-and, when ``positions`` is given, ``position_ids``.
+when ``positions`` is given, ``position_ids``, and when the documents come with labels (a ``labels`` column,
+or ``iter_rows(docs, labels=...)``), ``labels``: each token's own label carried through packing and splitting,
+``-100`` at the anchor and padding.
 
 Usage::
 
@@ -31,22 +33,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from .layout import ANCHOR_ID, PAD_ID
+from .layout import IGNORE_INDEX, POSITIONS, check_positions, doc_ids_from_lens, int_array, position_ids_for_doc_ids
 
 logger = logging.getLogger("anchorcontext")
 
-POSITIONS = ("continuous", "reset")
+__all__ = ["POSITIONS", "DocumentPacker", "PackStats", "anchor_and_pad_ids", "anchor_token_id", "check_positions",
+           "doc_ids_from_lens", "int_array", "pack_documents", "position_ids_from_lens"]
 
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def check_positions(positions: str) -> str:
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    return positions
 
 
 def anchor_token_id(tokenizer) -> int:
@@ -57,6 +55,19 @@ def anchor_token_id(tokenizer) -> int:
     if tid is None:
         raise ValueError("tokenizer has neither bos_token_id nor eos_token_id: pass anchor_id explicitly")
     return int(tid)
+
+
+def anchor_and_pad_ids(tokenizer, anchor_id: int | None = None, pad_id: int | None = None) -> tuple[int | None, int]:
+    """``(anchor_id, pad_id)``: explicit ids win; else from ``tokenizer`` the anchor is :func:`anchor_token_id`
+    and the pad its pad token, else EOS, else 0 (padding is never a target, so any id is safe)."""
+    if anchor_id is None and tokenizer is not None:
+        anchor_id = anchor_token_id(tokenizer)
+    if pad_id is None:
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad is None and tokenizer is not None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        pad_id = 0 if pad is None else int(pad)
+    return anchor_id, pad_id
 
 
 @dataclass
@@ -141,10 +152,14 @@ class DocumentPacker:
             arr = arr[1:]
         return arr
 
-    def iter_rows(self, documents: Iterable[Sequence[int]]) -> Iterator[dict]:
-        """Yield packed rows from any iterable of token-id lists (streaming; O(seq_len) memory)."""
+    def iter_rows(self, documents: Iterable[Sequence[int]], labels: Iterable[Sequence[int]] | None = None) -> Iterator[dict]:
+        """Yield packed rows from any iterable of token-id lists (streaming; O(seq_len) memory). ``labels``, one
+        list per document and as long as it, are carried token by token into each row's ``labels``."""
         room = self.seq_len - 1
+        label_iter = None if labels is None else iter(labels)
+        lab = None
         buf: list[np.ndarray] = []
+        lbuf: list[np.ndarray] = []
         lens: list[int] = []
         used = 0
         st = self.stats
@@ -153,6 +168,8 @@ class DocumentPacker:
         for i, doc in enumerate(documents):
             any_doc = True
             arr = self._check_doc(doc, i)
+            if label_iter is not None:
+                lab = self._check_labels(next(label_iter, None), doc, arr, i)
             st.documents += 1
             st.tokens_in += int(arr.size)
             if arr.size == 0:
@@ -164,14 +181,16 @@ class DocumentPacker:
                     st.dropped_tokens += int(arr.size)
                     continue
                 if used + arr.size > room:
-                    yield self._emit(buf, lens, used)
-                    buf, lens, used = [], [], 0
+                    yield self._emit(buf, lens, used, lbuf)
+                    buf, lbuf, lens, used = [], [], [], 0
                 buf.append(arr)
+                if lab is not None:
+                    lbuf.append(lab)
                 lens.append(int(arr.size))
                 used += int(arr.size)
                 if used == room:  # a full row is complete now, never "the last partial row"
-                    yield self._emit(buf, lens, used)
-                    buf, lens, used = [], [], 0
+                    yield self._emit(buf, lens, used, lbuf)
+                    buf, lbuf, lens, used = [], [], [], 0
                 continue
             start = 0
             if used + arr.size > room:
@@ -179,17 +198,21 @@ class DocumentPacker:
             while start < arr.size:
                 take = min(room - used, arr.size - start)
                 buf.append(arr[start : start + take])
+                if lab is not None:
+                    lbuf.append(lab[start : start + take])
                 lens.append(take)
                 used += take
                 start += take
                 if used == room:
-                    yield self._emit(buf, lens, used)
-                    buf, lens, used = [], [], 0
+                    yield self._emit(buf, lens, used, lbuf)
+                    buf, lbuf, lens, used = [], [], [], 0
         if not any_doc:
             raise ValueError("documents is empty: nothing to pack")
+        if label_iter is not None and next(label_iter, None) is not None:
+            raise ValueError(f"labels has more lists than the {i + 1} documents")
         if used:
             if self.last == "pad":
-                yield self._emit(buf, lens, used)
+                yield self._emit(buf, lens, used, lbuf)
             else:
                 st.dropped_last_rows += 1
                 st.dropped_last_tokens += used
@@ -201,7 +224,16 @@ class DocumentPacker:
                 st.dropped_documents - drops0, st.dropped_tokens - dropped_tok0, st.dropped_documents,
             )
 
-    def _emit(self, buf, lens, used) -> dict:
+    @staticmethod
+    def _check_labels(lab, doc, arr: np.ndarray, i: int) -> np.ndarray:
+        if lab is None:
+            raise ValueError(f"labels ran out at document {i}: pass one label list per document")
+        lab = int_array(lab, f"document {i} labels")
+        if lab.size != len(doc):
+            raise ValueError(f"document {i} has {lab.size} labels for {len(doc)} input_ids")
+        return lab[lab.size - arr.size :]  # a stripped leading BOS takes its label with it
+
+    def _emit(self, buf, lens, used, lbuf=()) -> dict:
         L = self.seq_len
         ids = np.full(L, self.pad_id, dtype=np.int64)
         ids[0] = self.anchor_id
@@ -211,6 +243,10 @@ class DocumentPacker:
         self.stats.tokens_packed += used
         self.stats.padding_tokens += L - 1 - used
         row = {"input_ids": ids.tolist(), "doc_lens": list(lens)}
+        if lbuf:
+            labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
+            labels[1 : 1 + used] = np.concatenate(lbuf)
+            row["labels"] = labels.tolist()
         if self.positions is not None:
             row["position_ids"] = position_ids_from_lens(lens, L, self.positions).tolist()
         return row
@@ -222,7 +258,10 @@ class DocumentPacker:
         out: dict[str, list] = {"input_ids": [], "doc_lens": []}
         if self.positions is not None:
             out["position_ids"] = []
-        for row in self.iter_rows(batch[self.column]):
+        labels = batch.get("labels")
+        if labels is not None:
+            out["labels"] = []
+        for row in self.iter_rows(batch[self.column], labels):
             for k, col in out.items():
                 col.append(row[k])
         return out
@@ -241,15 +280,9 @@ def pack_documents(
 
     ``anchor_id`` defaults to the tokenizer's BOS (EOS without BOS); ``pad_id`` to its pad (else EOS, else 0).
     """
-    if anchor_id is None:
-        if tokenizer is None:
-            raise ValueError("pack_documents needs anchor_id or a tokenizer")
-        anchor_id = anchor_token_id(tokenizer)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        if pad_id is None and tokenizer is not None:
-            pad_id = getattr(tokenizer, "eos_token_id", None)
-        pad_id = 0 if pad_id is None else pad_id
+    if anchor_id is None and tokenizer is None:
+        raise ValueError("pack_documents needs anchor_id or a tokenizer")
+    anchor_id, pad_id = anchor_and_pad_ids(tokenizer, anchor_id, pad_id)
     if tokenizer is not None and "vocab_size" not in kwargs:
         kwargs["vocab_size"] = len(tokenizer)
     packer = DocumentPacker(seq_len=seq_len, anchor_id=anchor_id, pad_id=pad_id, **kwargs)
@@ -257,29 +290,12 @@ def pack_documents(
     return rows, packer.stats
 
 
-def doc_ids_from_lens(doc_lens: Sequence[int], seq_len: int) -> np.ndarray:
-    """``(seq_len,)`` int64 doc ids: anchor 0, documents 1..n, padding -1."""
-    lens = np.asarray(doc_lens, dtype=np.int64)
-    used = int(lens.sum())
-    if (lens <= 0).any() or used > seq_len - 1:
-        raise ValueError(f"doc_lens {list(map(int, lens))} do not fit a row of seq_len={seq_len} (need > 0 and sum <= seq_len - 1)")
-    out = np.full(seq_len, PAD_ID, dtype=np.int64)
-    out[0] = ANCHOR_ID
-    out[1 : 1 + used] = np.repeat(np.arange(1, lens.size + 1, dtype=np.int64), lens)
-    return out
-
-
 def position_ids_from_lens(doc_lens: Sequence[int], seq_len: int, positions: str = "continuous") -> np.ndarray:
     """Position ids: ``continuous`` = 0..L-1 (the paper); ``reset`` = anchor 0, each document 1..n_i.
 
-    Padding keeps its row index under both policies (as :func:`anchorcontext.collator.position_ids_for`
+    Padding keeps its row index under both policies (as :meth:`AnchorLayout.position_ids`, which derives these,
     and the collator's ``pad_to_multiple_of`` do); it is never a target.
     """
     check_positions(positions)
-    pos = np.arange(seq_len, dtype=np.int64)
-    if positions == "reset" and len(doc_lens):
-        lens = np.asarray(doc_lens, dtype=np.int64)
-        starts = np.concatenate([[1], 1 + np.cumsum(lens)[:-1]])
-        used = int(lens.sum())
-        pos[1 : 1 + used] -= np.repeat(starts - 1, lens)
-    return pos
+    doc_ids = torch.from_numpy(doc_ids_from_lens(doc_lens, seq_len))[None]
+    return position_ids_for_doc_ids(doc_ids, positions)[0].numpy()

@@ -10,7 +10,13 @@ over ``--repeats``.
 A single row's FLOP-ratio limit and achieved fraction depend strongly on its layout (one long document
 dominates the FLOPs; many ~1K documents run the CPU kernel at lower efficiency), hence several seeds.
 
-Reported per (L, seed, backend, pass):
+Masks (``--masks``): each backend runs each of ``anchor``, ``intra_doc``, ``full`` beside the same full causal
+SDPA baseline; ``anchor_ms`` and its derived figures are the backend's time with the record's ``mask`` (for ``full``
+the limit is 1). Backends ``varlen`` (K/V gather) and ``varlen_merge`` (gather-free LSE merge) time the two
+varlen designs side by side; ``flex_*`` are FlexAttention ``kernel_options`` variants (``FLEX_VARIANTS``). A
+backend that fails (e.g. a kernel option the installed torch lacks) is recorded with its ``error``.
+
+Reported per (L, seed, mask, backend, pass):
 
 * ``full_ms`` / ``anchor_ms``: median wall time of forward+backward (``fwd_bwd``) or forward alone
   (``fwd``, for backends without a backward on the device, e.g. FlexAttention on CPU).
@@ -48,7 +54,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anchorcontext.attention import cpu_kernel, flex_attention_backend, sdpa_attention, varlen_attention
+from anchorcontext.attention import flex as _flex
 from anchorcontext.attention import varlen as _varlen
+from anchorcontext.attention import varlen_merge as _varlen_merge
 from anchorcontext.attention.flex import block_mask_for
 from anchorcontext.bench import PeakMemory, machine_info
 from anchorcontext.layout import AnchorLayout
@@ -134,14 +142,22 @@ def available_backends(device: torch.device, wanted: list[str] | None) -> list[t
     out = [("sdpa", True, "")]
     if device.type == "cuda":
         out.append(("flex", True, ""))
+        out += [(name, True, f"FlexAttention kernel_options={opts}") for name, opts in FLEX_VARIANTS.items()]
         why = _varlen.unavailable_reason(device)
         if why is None:
             fn, src = _varlen.flash_attn_func()
-            out.append(("varlen", True, src if fn is not None else "torch varlen_attn"))
+            out.append(("varlen", True, "K/V gather, " + (src if fn is not None else "torch varlen_attn (flash pinned)")))
         else:
             print(f"# varlen skipped: {why}", file=sys.stderr)
+        why = _varlen_merge.unavailable_reason(device)
+        if why is None:
+            out.append(("varlen_merge", True, "no gather: aten flash varlen + anchor LSE merge"))
+        else:
+            print(f"# varlen_merge skipped: {why}", file=sys.stderr)
     else:
         out.append(("flex", False, "forward only on CPU (no FlexAttention backward)"))
+        out += [(name, False, f"forward only on CPU; kernel_options={opts}") for name, opts in FLEX_VARIANTS.items()
+                if wanted and name in wanted]  # on CPU only when asked for
         if device.type == "cpu" and cpu_kernel.get() is not None:
             # sdpa runs the compiled exact-tile kernel here; time its fallback path too, side by side
             out.insert(1, ("sdpa_stock", True, "sdpa without the compiled kernel: torch's CPU flash kernel per document"))
@@ -155,21 +171,76 @@ def sdpa_stock(*args, **kw):
         return sdpa_attention(*args, **kw)
 
 
-BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention_backend, "varlen": varlen_attention}
+def varlen_gather(*args, **kw):
+    with _varlen_merge.use_impl("gather"):
+        return varlen_attention(*args, **kw)
+
+
+# FlexAttention kernel_options variants (issue 16 item 3), each compiled once per (L, mask). ROWS_GUARANTEED_SAFE holds
+# for every mask (each query sees itself); BLOCKS_ARE_CONTIGUOUS holds for full/intra_doc only (the anchor column
+# breaks it), so it runs only there; BACKEND=FLASH is torch's FA4 (cute-dsl) flex kernel, where installed.
+FLEX_VARIANTS = {
+    "flex_safe": {"ROWS_GUARANTEED_SAFE": True},
+    "flex_b64": {"BLOCK_M": 64, "BLOCK_N": 64},
+    "flex_contig": {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True},
+    "flex_fa4": {"BACKEND": "FLASH"},
+    "flex_merge": None,  # not kernel options: the anchor merged through flex's LSE (flex_merge below)
+}
+FLEX_VARIANT_MASKS = {"flex_contig": ("full", "intra_doc"), "flex_merge": ("anchor",)}
+
+
+def flex_variant(options):
+    def run(*args, **kw):
+        old, _flex.KERNEL_OPTIONS = _flex.KERNEL_OPTIONS, dict(options)
+        try:
+            return flex_attention_backend(*args, **kw)
+        finally:
+            _flex.KERNEL_OPTIONS = old
+
+    return run
+
+
+def flex_merge(query, key, value, layout, *, scaling=None):
+    """Experimental anchor variant: FlexAttention on the intra_doc BlockMask (no anchor column, so no partial block
+    per query-block row) returning its LSE, the anchor merged as one extra key per query through the LSE; plain
+    autograd (flex's backward takes the LSE's gradient). If it beats ``flex`` on the GPU, it moves into the backend."""
+    intra = layout._cache.get("bench_flex_merge_intra")
+    if intra is None:
+        intra = layout._cache["bench_flex_merge_intra"] = AnchorLayout.from_doc_ids(layout.doc_ids, "intra_doc")
+    B, H, L, D = query.shape
+    Hkv = key.shape[1]
+    scale = D**-0.5 if scaling is None else scaling
+    out, lse = _flex._compiled_flex()(query, key, value, block_mask=block_mask_for(intra, None, query.device),
+                                       scale=scale, enable_gqa=Hkv != H, return_lse=True)  # (B,H,L,D), (B,H,L)
+    G = H // Hkv
+    ka, va = key[:, :, :1], value[:, :, :1]  # (B, Hkv, 1, D): each row's anchor
+    s = torch.matmul(query.reshape(B, Hkv, G * L, D), ka.transpose(-1, -2)).view(B, H, L).float() * scale
+    s = s.masked_fill((layout.doc_ids.to(query.device) <= 0)[:, None, :], float("-inf"))  # documents only
+    lse_m = torch.logaddexp(lse.float(), s)
+    w, p = torch.exp(lse.float() - lse_m), torch.exp(s - lse_m)
+    merged = out * w[..., None] + (p.view(B, Hkv, G * L, 1) * va.float()).view(B, H, L, D)
+    return merged.to(query.dtype).transpose(1, 2)
+
+
+BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention_backend, "varlen": varlen_gather,
+               "varlen_merge": _varlen_merge.varlen_merge_attention,
+               **{name: flex_variant(opts) for name, opts in FLEX_VARIANTS.items() if opts is not None},
+               "flex_merge": flex_merge}
 
 
 # ---------------------------------------------------------------------------------------------- main
 def summarize(results: list[dict]) -> list[dict]:
-    """Mean / min / max fraction of the FLOP-ratio limit per (L, backend, pass) over the seeds."""
+    """Mean / min / max fraction of the FLOP-ratio limit per (L, mask, backend, pass) over the seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["L"], r["backend"], r["pass"]), []).append(r)
+        if "error" not in r:
+            groups.setdefault((r["L"], r.get("mask", "anchor"), r["backend"], r["pass"]), []).append(r)
     return [
-        {"L": L, "backend": b, "pass": p, "seeds": [r["seed"] for r in rs],
+        {"L": L, "mask": m, "backend": b, "pass": p, "seeds": [r["seed"] for r in rs],
          "mean_fraction": statistics.mean(r["fraction_of_limit"] for r in rs),
          "min_fraction": min(r["fraction_of_limit"] for r in rs),
          "max_fraction": max(r["fraction_of_limit"] for r in rs)}
-        for (L, b, p), rs in groups.items()
+        for (L, m, b, p), rs in groups.items()
     ]
 
 
@@ -192,7 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "gradients cost both sides a transposing copy into .grad")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
-    p.add_argument("--backends", default=None, help="comma-separated subset of sdpa,sdpa_stock,flex,varlen (default: all available)")
+    p.add_argument("--backends", default=None, help="comma-separated subset of " + ",".join(BACKEND_FNS)
+                   + " (default: all available)")
+    p.add_argument("--masks", default="anchor", help="comma-separated masks timed against full causal SDPA: "
+                   "anchor, intra_doc, full (the backend's own full causal path)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory passes")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -214,6 +288,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
     if not args.lengths or min(args.lengths) < 2:
         raise ValueError(f"--lengths must be integers >= 2, got {args.lengths}")
+    args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
+    bad = [m for m in args.masks if m not in ("anchor", "intra_doc", "full")]
+    if bad or not args.masks:
+        raise ValueError(f"--masks must name some of anchor,intra_doc,full, got {bad or args.masks}")
+    bad = [b for b in (args.backends.split(",") if args.backends else []) if b not in BACKEND_FNS]
+    if bad:
+        raise ValueError(f"--backends: unknown {bad}; choose from {','.join(BACKEND_FNS)}")
     return args
 
 
@@ -222,6 +303,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
+    # flex compiles once per (L, mask, kernel_options): room for every combination (dynamo's default of 8 would fall
+    # back to eager, O(L^2) memory, and time the wrong thing)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 2048)
     wanted = args.backends.split(",") if args.backends else None
     backends = available_backends(device, wanted)
     mem = PeakMemory(device)
@@ -238,11 +323,8 @@ def main(argv=None) -> int:
         rows = [lognormal_doc_ids(L, args.mean_doc, args.sigma, gen) for _ in range(B)]
         doc_ids = torch.cat([r[0] for r in rows]).to(device)
         doc_lens = [r[1] for r in rows]
-        layout = AnchorLayout.from_doc_ids(doc_ids, "anchor")
         full_layout = AnchorLayout.from_doc_ids(doc_ids, "full")
         flops_full = full_layout.attention_flops(D, H)
-        flops_anchor = layout.attention_flops(D, H)
-        limit = flops_full / flops_anchor
         tg = torch.Generator(device=device).manual_seed(seed + L)
         if args.layout == "blhd":  # (B, L, H, D) memory viewed as (B, H, L, D), as HF attention modules pass them
             q = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=tg).transpose(1, 2).requires_grad_()
@@ -257,10 +339,15 @@ def main(argv=None) -> int:
         def full_attn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
-        for name, with_bwd, note in backends:
+        for (mask, name, with_bwd, note) in ((m, *b) for m in args.masks for b in backends):
+            if mask not in FLEX_VARIANT_MASKS.get(name, (mask,)):
+                continue
+            layout = AnchorLayout.from_doc_ids(doc_ids, mask)
+            flops_anchor = layout.attention_flops(D, H)
+            limit = flops_full / flops_anchor
             fn = BACKEND_FNS[name]
             extra = {}
-            if name == "flex":
+            if name.startswith("flex"):
                 t0 = time.perf_counter()
                 block_mask_for(layout, None, device)
                 _sync(device)
@@ -271,11 +358,16 @@ def main(argv=None) -> int:
 
             full_pass = make_pass(full_attn, q, k, v, g, with_bwd)
             anchor_pass = make_pass(anchor_attn, q, k, v, g, with_bwd)
-            if name == "flex":  # first call compiles; report it, keep it out of the timings
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
+            try:  # the first call compiles (flex); a variant the installed torch cannot run is recorded, not fatal
                 anchor_pass()
                 _sync(device)
-                extra["first_call_s"] = time.perf_counter() - t0
+            except Exception as e:  # any failure of one variant (unsupported option, compile error) is recorded
+                print(f"L={L:6d} seed={seed} {mask:9s} {name:12s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                results.append({"L": L, "seed": seed, "mask": mask, "backend": name, "note": note,
+                                "error": f"{type(e).__name__}: {str(e)[:1000]}"})
+                continue
+            extra["first_call_s"] = time.perf_counter() - t0
             ts = time_pair(full_pass, anchor_pass, repeats=args.repeats, warmup=args.warmup, device=device)
             tf, ta = ts["full_wall"], ts["anchor_wall"]
             cpu_f, cpu_a = (1e3 * statistics.median(ts[n]) for n in ("full_cpu", "anchor_cpu"))
@@ -285,7 +377,7 @@ def main(argv=None) -> int:
             full_ms, anchor_ms = 1e3 * statistics.median(tf), 1e3 * statistics.median(ta)
             speedup = full_ms / anchor_ms
             rec = {
-                "L": L, "seed": seed, "backend": name, "pass": "fwd_bwd" if with_bwd else "fwd", "note": note,
+                "L": L, "seed": seed, "mask": mask, "backend": name, "pass": "fwd_bwd" if with_bwd else "fwd", "note": note,
                 "num_docs": [len(x) for x in doc_lens], "max_doc": max(max(x) for x in doc_lens),
                 "full_ms": full_ms, "anchor_ms": anchor_ms, "speedup": speedup,
                 "flops_full": flops_full, "flops_anchor": flops_anchor, "flop_limit": limit,
@@ -297,24 +389,24 @@ def main(argv=None) -> int:
             }
             results.append(rec)
             mem_s = "" if mf is None else f" | mem full {mf / 2**20:7.1f} MiB anchor {ma / 2**20:7.1f} MiB"
-            print(f"L={L:6d} seed={seed} {name:6s} {rec['pass']:7s} docs={sum(rec['num_docs']):3d} full {full_ms:9.1f} ms "
+            print(f"L={L:6d} seed={seed} {mask:9s} {name:12s} {rec['pass']:7s} docs={sum(rec['num_docs']):3d} full {full_ms:9.1f} ms "
                   f"anchor {anchor_ms:8.1f} ms speedup {speedup:5.2f} limit {limit:5.2f} "
                   f"fraction {speedup / limit:5.1%} (cpu-time fraction {cpu_f / cpu_a / limit:5.1%}){mem_s}", flush=True)
         del q, k, v, g
 
     print()
-    hdr = (f"{'L':>6} {'seed':>4} {'backend':7} {'pass':7} {'full ms':>9} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'fraction':>8}"
+    hdr = (f"{'L':>6} {'seed':>4} {'mask':9} {'backend':12} {'pass':7} {'full ms':>9} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'fraction':>8}"
            f" {'cpu-time fraction':>17}")
     print(hdr)
     print("-" * len(hdr))
-    for r in results:
-        print(f"{r['L']:6d} {r['seed']:4d} {r['backend']:7} {r['pass']:7} {r['full_ms']:9.1f} {r['anchor_ms']:9.1f} "
+    for r in (r for r in results if "error" not in r):
+        print(f"{r['L']:6d} {r['seed']:4d} {r['mask']:9} {r['backend']:12} {r['pass']:7} {r['full_ms']:9.1f} {r['anchor_ms']:9.1f} "
               f"{r['speedup']:7.2f} {r['flop_limit']:6.2f} {r['fraction_of_limit']:8.1%} {r['fraction_of_limit_cpu']:17.1%}")
     summary = summarize(results)
     if len(args.seeds) > 1:
         print("\nper length and backend, over the seeds (the layouts differ a lot: report the spread, not one row):")
         for r in summary:
-            print(f"L={r['L']:6d} {r['backend']:7} {r['pass']:7} seeds={r['seeds']} fraction of limit: mean {r['mean_fraction']:6.1%} "
+            print(f"L={r['L']:6d} {r['mask']:9} {r['backend']:12} {r['pass']:7} seeds={r['seeds']} fraction of limit: mean {r['mean_fraction']:6.1%} "
                   f"min {r['min_fraction']:6.1%} max {r['max_fraction']:6.1%}")
     if args.out:
         out = {

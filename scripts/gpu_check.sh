@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent H100 (the `device` tool): environment, GPU tests, attention-kernel benchmark,
-# training-step benchmark (~1.1B Llama, bf16, L = 64K/32K/8K), FlexAttention build/compile/recompile figures,
-# then a short summary table. Installs nothing and needs no network; the project runs from the checkout
-# (PYTHONPATH=$PWD). Every stage has its own `timeout` inside a global budget, and logs go to $OUT even when
-# a stage fails. At most 9 files land in $OUT:
+# One-shot GPU check for a lent H100/H200 (the `device` tool): environment, GPU tests (tests/gpu, incl. the
+# DeepSpeed Ulysses test_sp_gpu.py), the attention-kernel benchmark (L = 8K..128K; full/intra_doc/anchor x varlen
+# K/V gather vs gather-free LSE merge), the training-step benchmark (~1.1B Llama, bf16, gather and merge), the
+# FlexAttention kernel_options variants, then a summary. Installs nothing and needs no network; the project runs
+# from the checkout (PYTHONPATH=$PWD). Every stage has its own `timeout` inside a global budget (stages run in
+# order of importance; the last ones get what is left), and logs go to $OUT even when a stage fails. At most
+# 8 files land in $OUT:
 #
-#   env.txt  pytest_gpu.log  attention_cuda.json  attention_cuda.log
-#   train_step_cuda.json  train_step_cuda.png  train_step_cuda.log  summary.txt  wheels.txt (when wheels were installed)
+#   env.txt (incl. carried-wheel install)  pytest_gpu.log  attention_cuda.json (varlen and flex rows)
+#   attention_cuda.log  train_step_cuda.json  train_step_merge_cuda.json  train_step_cuda.log  summary.txt
 #
 # Usage (device machine, repository root):   bash scripts/gpu_check.sh
 # CPU dry run with tiny sizes (checks the script end to end here):
 #   bash scripts/gpu_check.sh --dry-run        (or GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh)
 # Knobs: OUT (default ./gpu_check_out), PYTHON (default: the first of python, python3, .venv/bin/python that
-# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 470); per stage GPU_PYTEST_S, GPU_ATT_S,
-# GPU_TRAIN_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_TRAIN_LENGTHS (default "65536 32768 8192"),
-# GPU_TRAIN_EXTRA (more train_step flags, e.g. "--backends varlen flex").
+# imports torch), GPU_CHECK_BUDGET_S (total seconds, default 530); per stage GPU_PYTEST_S, GPU_ATT_S, GPU_TRAIN_S,
+# GPU_TRAIN_MERGE_S, GPU_FLEX_S, GPU_FLEX_INTRA_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_ATT_LENGTHS (default
+# 8192,16384,32768,65536,131072), GPU_FLEX_LENGTHS (default 65536,8192), GPU_TRAIN_LENGTHS (default
+# "65536 32768 8192"), GPU_TRAIN_MERGE_LENGTHS (default "65536 8192"), GPU_TRAIN_EXTRA (more train_step flags).
 set -u -o pipefail
 
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -42,7 +45,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 PYTHON="${PYTHON:-python3}"
 
-BUDGET="${GPU_CHECK_BUDGET_S:-470}"
+BUDGET="${GPU_CHECK_BUDGET_S:-530}"
 T0=$SECONDS
 STATUS=()
 
@@ -71,20 +74,30 @@ run_stage() {
   return 0
 }
 
+TMPD="${TMPDIR:-/tmp}/anchorcontext_gpu_check"  # files that stay on the machine (the 8-file limit)
+mkdir -p "$TMPD" && rm -f "$TMPD"/*.json "$TMPD"/*.png "$TMPD"/wheels.txt
 if [[ "$DRY" == "1" ]]; then
   DEVICE=cpu; DTYPE=float32
-  ATT_ARGS=(--device cpu --dtype float32 --lengths 256,512 --heads 4 --kv-heads 2 --head-dim 16 --mean-doc 64
-            --repeats 2 --warmup 1 --threads 1 --backends sdpa)
+  SHAPE=(--device cpu --dtype float32 --heads 4 --kv-heads 2 --head-dim 16 --mean-doc 64 --repeats 1 --warmup 0
+         --threads 1)
+  ATT_ARGS=("${SHAPE[@]}" --lengths 256,512 --masks full,intra_doc,anchor --backends sdpa)
+  FLEX_ARGS=("${SHAPE[@]}" --no-memory)
+  GPU_FLEX_LENGTHS=256
   TRAIN_ARGS=(--preset tiny --device cpu --lengths 256 128 --repeats 2 --warmup 1 --threads 1)
+  TRAIN_MERGE_ARGS=()
   echo "# gpu_check DRY RUN on CPU with tiny sizes (python: $PYTHON)"
 else
   DEVICE=cuda; DTYPE=bfloat16
-  # Llama-3.2-1B-like attention shape (32 heads, 8 KV heads, head dim 64), realistic lognormal documents.
-  ATT_ARGS=(--device cuda --dtype bfloat16 --lengths 8192,65536 --heads 32 --kv-heads 8 --head-dim 64
-            --mean-doc 1024 --repeats 5 --warmup 2)
+  # Llama-3.2-1B-like attention shape (32 heads, 8 KV heads, head dim 64), lognormal documents of mean 1K tokens.
+  SHAPE=(--device cuda --dtype bfloat16 --heads 32 --kv-heads 8 --head-dim 64 --mean-doc 1024 --repeats 3 --warmup 1)
+  ATT_ARGS=("${SHAPE[@]}" --lengths "${GPU_ATT_LENGTHS:-8192,16384,32768,65536,131072}" --masks full,intra_doc,anchor
+            --backends varlen,varlen_merge)
+  FLEX_ARGS=("${SHAPE[@]}" --no-memory)
   # Longest first: the 64K figures are the goal; 8K is the first to go if the budget runs out.
   TRAIN_ARGS=(--preset gpu-1b --device cuda --lengths ${GPU_TRAIN_LENGTHS:-65536 32768 8192} --repeats 2 --warmup 1
-              ${GPU_TRAIN_EXTRA:-})
+              --backends varlen --masks anchor intra_doc ${GPU_TRAIN_EXTRA:-})
+  TRAIN_MERGE_ARGS=(--preset gpu-1b --device cuda --lengths ${GPU_TRAIN_MERGE_LENGTHS:-65536 8192} --repeats 2
+                    --warmup 1 --backends varlen --masks anchor --stock false --matmul_rate false --flex_check false)
 fi
 
 # ------------------------------------------------------------------------------- 0. carried wheels
@@ -102,8 +115,8 @@ for path in sys.argv[1:]:
 ' .whl/*.whl)
   if [[ -n "$MISSING" ]]; then
     # shellcheck disable=SC2086
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $MISSING >"$OUT/wheels.txt" 2>&1
-    echo "# rc=$? installed into $SITE: $(for w in $MISSING; do basename "$w"; done | tr '\n' ' ')" >>"$OUT/wheels.txt"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $MISSING >"$TMPD/wheels.txt" 2>&1
+    echo "# rc=$? installed into $SITE: $(for w in $MISSING; do basename "$w"; done | tr '\n' ' ')" >>"$TMPD/wheels.txt"
     export PYTHONPATH="$PYTHONPATH:$SITE"
   fi
 fi
@@ -111,6 +124,7 @@ fi
 # ---------------------------------------------------------------------------------------------- 1. env
 {
   echo "# gpu_check $(date -u +%FT%TZ) dry_run=$DRY python=$PYTHON pwd=$PWD"
+  if [[ -f "$TMPD/wheels.txt" ]]; then echo "# carried wheels:"; cat "$TMPD/wheels.txt"; fi
   command -v nvidia-smi >/dev/null 2>&1 && timeout 20 nvidia-smi || echo "nvidia-smi: not available"
 } >"$OUT/env.txt" 2>&1
 run_stage env 40 "$OUT/env.txt" "$PYTHON" - <<'EOF'
@@ -134,8 +148,18 @@ try:
 except Exception as e:  # noqa: BLE001
     print("torch.nn.attention.varlen.varlen_attn: NOT available:", type(e).__name__, e)
 try:
-    import torch.nn.attention.flex_attention  # noqa: F401
-    print("flex_attention: importable")
+    import torch.nn.attention.varlen as tv
+    from anchorcontext.attention import varlen_merge
+    dev0 = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print("torch varlen selector could pick cuDNN unpinned:", varlen_merge.torch_varlen_cudnn_possible(dev0),
+          "| has _select_backend:", hasattr(tv, "_select_backend"))
+except Exception as e:  # noqa: BLE001
+    print("torch varlen selector: not inspected:", type(e).__name__, e)
+try:
+    import typing
+    import torch.nn.attention.flex_attention as fa
+    print("flex_attention: importable; kernel BACKEND choices:",
+          typing.get_args(getattr(fa, "_Backend", None)) or "none (no BACKEND option)")
 except Exception as e:  # noqa: BLE001
     print("flex_attention: NOT importable:", e)
 import anchorcontext
@@ -146,16 +170,42 @@ print("backend auto on", dev, "->", resolve_backend("auto", dev))
 EOF
 
 # -------------------------------------------------------------------------------------------- 2. tests
-run_stage pytest_gpu "${GPU_PYTEST_S:-110}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
-  ${GPU_PYTEST_ARGS:-tests/gpu}
+run_stage pytest_gpu "${GPU_PYTEST_S:-200}" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -q --no-header -p no:cacheprovider \
+  -rs --durations=15 ${GPU_PYTEST_ARGS:-tests/gpu}
 
-# ------------------------------------------------------------------------------- 3. attention kernels
-run_stage attention "${GPU_ATT_S:-90}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
+# ------------------------------------------------------------------ 3. attention kernels: varlen gather vs merge
+run_stage attention "${GPU_ATT_S:-70}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py "${ATT_ARGS[@]}" \
   --out "$OUT/attention_cuda.json"
 
-# --------------------------------------------------------------------------------- 4. training step
-run_stage train_step "${GPU_TRAIN_S:-270}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py "${TRAIN_ARGS[@]}" \
-  --out "$OUT/train_step_cuda.json" --png "$OUT/train_step_cuda.png"
+# ---------------------------------------------------------------------------------------- 4. training step
+run_stage train_step "${GPU_TRAIN_S:-120}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
+  "${TRAIN_ARGS[@]}" --out "$OUT/train_step_cuda.json" --png "$TMPD/train_step_cuda.png"
+if (( ${#TRAIN_MERGE_ARGS[@]} )); then
+  export ANCHORCONTEXT_VARLEN_IMPL=merge
+  run_stage train_step_merge "${GPU_TRAIN_MERGE_S:-45}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
+    "${TRAIN_MERGE_ARGS[@]}" --out "$OUT/train_step_merge_cuda.json" --png "$TMPD/train_step_merge_cuda.png"
+  unset ANCHORCONTEXT_VARLEN_IMPL
+else
+  STATUS+=("train_step_merge: skipped (dry run: no varlen kernel on CPU)")
+fi
+
+# ------------------------------------------------ 5. FlexAttention kernel_options variants (compile-heavy: last)
+# anchor: default, LSE merge on the intra_doc mask, ROWS_GUARANTEED_SAFE, 64x64 blocks, FA4 (BACKEND=FLASH);
+# intra_doc: default, BLOCKS_ARE_CONTIGUOUS
+# one process per length (a stage cut by the budget loses only its own length), 64K first: the goal length
+FLEX_JSONS=()
+for FL in $(echo "${GPU_FLEX_LENGTHS:-65536,8192}" | tr ',' ' '); do
+  run_stage "flex_anchor_$FL" "${GPU_FLEX_S:-100}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py \
+    "${FLEX_ARGS[@]}" --lengths "$FL" --masks anchor --backends flex,flex_merge,flex_safe,flex_b64,flex_fa4 \
+    --out "$TMPD/attention_flex_anchor_$FL.json"
+  FLEX_JSONS+=("$TMPD/attention_flex_anchor_$FL.json")
+done
+run_stage flex_intra_doc "${GPU_FLEX_INTRA_S:-60}" "$OUT/attention_cuda.log" "$PYTHON" benchmarks/attention.py \
+  "${FLEX_ARGS[@]}" --lengths "${GPU_FLEX_LENGTHS:-65536,8192}" --masks intra_doc --backends flex,flex_contig \
+  --out "$TMPD/attention_flex_intra_doc.json"
+# one attention JSON: the flex rows join the varlen ones (each run's own config is kept under "runs")
+"$PYTHON" scripts/merge_bench_json.py "$OUT/attention_cuda.json" "${FLEX_JSONS[@]}" \
+  "$TMPD/attention_flex_intra_doc.json" >>"$OUT/attention_cuda.log" 2>&1
 
 # ------------------------------------------------------------------------------------------ 5. summary
 {
@@ -183,7 +233,8 @@ def section(fn):  # one broken section (a renamed field, a partial file) must no
 def env():
     p = out / "env.txt"
     for line in (p.read_text(errors="replace").splitlines() if p.exists() else []):
-        if line.startswith(("device ", "torch ", "torch.nn.attention.varlen", "flash_attn", "backend auto")):
+        if line.startswith(("device ", "torch ", "torch.nn.attention.varlen", "torch varlen", "flash_attn",
+                            "flex_attention", "backend auto", "# rc=")):
             print(line)
 
 
@@ -193,23 +244,42 @@ def attention():
         print("\nattention kernel: no results")
         return
     a = json.loads(p.read_text())
-    print("\nattention kernel (anchor vs full causal SDPA, same row):")
-    print(f"{'L':>6} {'backend':8} {'pass':7} {'full ms':>8} {'anchor ms':>9} {'speedup':>7} {'limit':>6} {'frac':>6}")
-    for r in a.get("results", []):
-        print(f"{r.get('L', 0):6d} {str(r.get('backend')):8} {str(r.get('pass', '')):7} {f(r.get('full_ms'), '8.2f')} "
-              f"{f(r.get('anchor_ms'), '9.2f')} {f(r.get('speedup'), '7.2f')} {f(r.get('flop_limit'), '6.2f')} "
-              f"{f(r.get('fraction_of_limit'), '6.1%')}")
+    rows = a.get("results", [])
+    print("\nattention kernel (the backend with each mask vs full causal SDPA on the same row; limit = FLOP ratio):")
+    print(f"{'L':>6} {'mask':9} {'backend':12} {'pass':7} {'full ms':>8} {'mask ms':>9} {'speedup':>7} {'limit':>6} "
+          f"{'frac':>6} {'1st call s':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r.get('L', 0):6d} {str(r.get('mask')):9} {str(r.get('backend')):12} ERROR {r['error'][:150]}")
+            continue
+        print(f"{r.get('L', 0):6d} {str(r.get('mask', 'anchor')):9} {str(r.get('backend')):12} {str(r.get('pass', '')):7} "
+              f"{f(r.get('full_ms'), '8.2f')} {f(r.get('anchor_ms'), '9.2f')} {f(r.get('speedup'), '7.2f')} "
+              f"{f(r.get('flop_limit'), '6.2f')} {f(r.get('fraction_of_limit'), '6.1%')} {f(r.get('first_call_s'), '10.1f')}")
+    ms = {(r["L"], r.get("mask"), r["backend"]): r["anchor_ms"] for r in rows if "error" not in r}
+    pairs = sorted((L, m) for (L, m, b) in ms if b == "varlen" and (L, m, "varlen_merge") in ms)
+    if pairs:
+        print("\nvarlen: K/V gather vs gather-free merge (ms, fwd+bwd; < 1 = merge faster):")
+        for L, m in pairs:
+            g, mg = ms[(L, m, "varlen")], ms[(L, m, "varlen_merge")]
+            print(f"{L:6d} {m:9} gather {g:8.2f} merge {mg:8.2f} merge/gather {mg / g:5.2f}")
+    anchors = {(L, b): v for (L, m, b), v in ms.items() if m == "anchor"}
+    intra = {(L, b): v for (L, m, b), v in ms.items() if m == "intra_doc"}
+    common = sorted(set(anchors) & set(intra))
+    if common:
+        print("\nanchor vs intra_doc on the same backend (goal: within 5%):")
+        for L, b in common:
+            print(f"{L:6d} {b:12} anchor/intra_doc {anchors[(L, b)] / intra[(L, b)]:5.3f}")
 
 
-def train():
-    p = out / "train_step_cuda.json"
+def train(name="train_step_cuda.json", label=""):
+    p = out / name
     if not p.exists():
-        print("\ntraining step: no results")
+        print(f"\ntraining step{label}: no results")
         return
     t = json.loads(p.read_text())
     mr = t.get("matmul_rate") or {}
     c = t["config"]
-    print(f"\ntraining step ({c['n_params'] / 1e6:.0f}M params, {c['dtype']}, grad_ckpt={c['grad_ckpt']}; "
+    print(f"\ntraining step{label} ({c['n_params'] / 1e6:.0f}M params, {c['dtype']}, grad_ckpt={c['grad_ckpt']}; "
           f"dense matmul {f(mr.get('tflops'), '.3g')} TFLOP/s):")
     print(f"{'L':>6} {'backend':8} {'mode':9} {'step s':>7} {'tok/s':>8} {'x stock':>7} {'limit':>6} "
           f"{'frac':>5} {'peak GiB':>8} {'TFLOP/s':>7} {'%mm':>4}")
@@ -229,7 +299,8 @@ def train():
               + f"; graphs compiled while layouts changed at fixed L: {fx['dynamo_graphs_compiled_during_timed_steps']}")
 
 
-for fn in (env, attention, train):
+for fn in (env, attention, train,
+           lambda: train("train_step_merge_cuda.json", " with ANCHORCONTEXT_VARLEN_IMPL=merge (x stock: not run here)")):
     section(fn)
 EOF
 } 2>&1 | tee "$OUT/summary.txt"

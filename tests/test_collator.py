@@ -242,3 +242,93 @@ def test_packer_rows_through_collator_with_dataset_map():
     batch = AnchorCollator(tokenizer=tok)(packed.to_list())
     assert batch["input_ids"].tolist() == [[1, 4, 5, 6, 6], [1, 5, 5, 5, 5], [1, 5, 5, 5, 5], [1, 4, 0, 0, 0]]
     assert batch["labels"].tolist() == [[X, 4, 5, 6, X], [X, 5, 5, 5, 5], [X, 5, 5, 5, 5], [X, 4, X, X, X]]
+
+
+# ------------------------------------------------------------------- fail loudly (issue 14 items 1-3)
+def test_incoming_labels_are_kept_and_masked_on_top():
+    # a completion-only mask: the prompt's -100s survive, the anchor is masked on top
+    row = {"input_ids": [1, 5, 6, 7], "doc_lens": [3], "labels": [-100, -100, -100, 7]}
+    assert AnchorCollator(anchor_id=1, pad_id=0)([row])["labels"].tolist() == [[X, X, X, 7]]
+    # custom targets are kept as given; anchor, the first token of documents 2..n and padding become -100
+    rows = [dict(r, labels=[t + 100 for t in r["input_ids"]]) for r in ROWS]
+    expected = [[X if lab == X else lab + 100 for lab in row] for row in LABELS]
+    assert AnchorCollator(anchor_id=1, pad_id=0, pad_to_multiple_of=5)(rows)["labels"].tolist() == [
+        e + [X, X] for e in expected
+    ]
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([dict(ROWS[0], labels=[1] * 8), ROWS[1]], r"feature 1 has no 'labels' but feature 0 has"),
+        ([ROWS[0], dict(ROWS[1], labels=[1] * 8)], r"feature 0 has no 'labels' but feature 1 has"),
+        ([dict(ROWS[0], labels=[1] * 7)], r"feature 0 has 7 labels for 8 input_ids"),
+        ([ROWS[0], dict(ROWS[1], position_ids=list(range(8)))], r"feature 0 has no 'position_ids' but feature 1 has"),
+        ([dict(ROWS[0], labels=[1, 2, 3.5, 4, 5, 6, 7, 8])], r"feature 0: labels\[2\] = 3.5 is not an integer"),
+        # 3-D (mRoPE-style) position ids per row are refused, never misread as packed positions
+        ([dict(ROWS[0], position_ids=[list(range(8))] * 3)], r"feature 0: position_ids must be a flat list .*\(3, 8\)"),
+    ],
+)
+def test_partial_or_bad_user_columns_are_refused(rows, match):
+    with pytest.raises(ValueError, match=match):
+        AnchorCollator(anchor_id=1, pad_id=0)(rows)
+
+
+def test_attention_mask_must_agree_with_doc_lens():
+    rows = [dict(r, attention_mask=[1] * (1 + sum(r["doc_lens"])) + [0] * (7 - sum(r["doc_lens"]))) for r in ROWS]
+    batch = AnchorCollator(anchor_id=1, pad_id=0)(rows)
+    assert batch["labels"].tolist() == LABELS and "attention_mask" not in batch
+    hole = dict(ROWS[1], attention_mask=[1, 1, 1, 0, 1, 1, 1, 1])  # a masked token inside a document
+    with pytest.raises(ValueError, match=r"feature 0: attention_mask\[3\] = 0 but doc_lens \[7\] cover position 3"):
+        AnchorCollator(anchor_id=1, pad_id=0)([hole])
+    ones = [dict(r, attention_mask=[1] * 8) for r in ROWS]  # an all-ones mask carries no padding: pad ids decide
+    assert AnchorCollator(anchor_id=1, pad_id=0)(ones)["labels"].tolist() == LABELS
+    other_pad = dict(ROWS[2], input_ids=[1, 51, 61, 62, 9, 9, 9, 9], attention_mask=[1] * 4 + [0] * 4)
+    assert AnchorCollator(anchor_id=1, pad_id=0)([other_pad])["labels"].tolist() == [LABELS[2]]
+    covered = dict(other_pad, attention_mask=[1] * 5 + [0] * 3)  # attends a real token doc_lens leave out
+    with pytest.raises(ValueError, match=r"feature 0: attention_mask\[4\] = 1 but doc_lens \[1, 2\] end at 4: "
+                                         r"token 9 at position 4 is attended and not padding"):
+        AnchorCollator(anchor_id=1, pad_id=0)([covered])
+
+
+def test_doc_lens_must_cover_every_non_pad_token():
+    with pytest.raises(ValueError, match=r"feature 0: doc_lens \[2\] sum to 2 but the row has 5 non-pad tokens after "
+                                         r"the anchor \(length 6\); token 7 at position 3 is not padding"):
+        AnchorCollator(anchor_id=1, pad_id=0)([{"input_ids": [1, 5, 6, 7, 8, 9], "doc_lens": [2]}])
+    with pytest.raises(ValueError, match=r"feature 1: doc_lens \[1\] sum to 1 .* token 61 at position 2"):
+        AnchorCollator(anchor_id=1, pad_id=0)([ROWS[0], dict(ROWS[2], doc_lens=[1])])
+
+
+@pytest.mark.parametrize("key", ["input_ids", "position_ids"])
+def test_non_integral_ids_are_refused(key):
+    row = dict(ROWS[0], position_ids=list(range(8)))
+    row[key] = list(row[key])
+    row[key][5] = 5.7
+    with pytest.raises(ValueError, match=rf"feature 1: {key}\[5\] = 5.7 is not an integer"):
+        AnchorCollator(anchor_id=1, pad_id=0)([dict(ROWS[0], position_ids=list(range(8))), row])
+    row[key] = torch.tensor(row[key], dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"feature 1: {key}\[5\] = 5.7\d* is not an integer"):
+        AnchorCollator(anchor_id=1, pad_id=0)([dict(ROWS[0], position_ids=list(range(8))), row])
+    row[key] = [True] * 8
+    with pytest.raises(ValueError, match=rf"feature 1: {key} must hold integers, got bool"):
+        AnchorCollator(anchor_id=1, pad_id=0)([dict(ROWS[0], position_ids=list(range(8))), row])
+
+
+def test_plain_documents_carry_their_labels_through_packing_and_splitting():
+    docs = [
+        {"input_ids": [1, 11, 12, 13], "labels": [X, X, 12, 13]},  # its BOS (the anchor) is dropped with its label
+        {"input_ids": [21, 22, 23, 24, 25, 26], "labels": [X, X, X, 24, 25, 26]},  # split across two rows
+        {"input_ids": [31, 32], "labels": [31, 32]},
+    ]
+    batch = AnchorCollator(anchor_id=1, pad_id=0, seq_len=6)(docs)
+    assert batch["input_ids"].tolist() == [[1, 11, 12, 13, 21, 22], [1, 23, 24, 25, 26, 31], [1, 32, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[X, X, 12, 13, X, X], [X, X, 24, 25, 26, X], [X, 32, X, X, X, X]]
+    with pytest.raises(ValueError, match=r"document 1 has 5 labels for 6 input_ids"):
+        AnchorCollator(anchor_id=1, pad_id=0, seq_len=6)([docs[0], dict(docs[1], labels=[X] * 5)])
+    with pytest.raises(ValueError, match=r"feature 1 has no 'labels' but feature 0 has"):
+        AnchorCollator(anchor_id=1, pad_id=0, seq_len=6)([docs[0], {"input_ids": [5, 6]}])
+
+
+def test_plain_documents_that_pack_to_no_rows_are_refused():
+    with pytest.raises(ValueError, match=r"the 2 documents pack into no rows \(all empty after dropping a leading anchor"):
+        AnchorCollator(anchor_id=1, pad_id=0, seq_len=4)([{"input_ids": []}, {"input_ids": [1]}])

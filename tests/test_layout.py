@@ -14,6 +14,7 @@ from itertools import pairwise
 import flash_standin
 import pytest
 import torch
+from golden_masks import GOLDEN, GOLDEN_DOC_IDS, GOLDEN_WINDOW3, golden_ids, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,113 +28,8 @@ from anchorcontext.attention import (
 )
 from anchorcontext.layout import validate_doc_ids
 
-# anchor | doc 1 (3 tokens) | doc 2 (1 token) | doc 3 (5 tokens) | padding (2)
-GOLDEN_DOC_IDS = [0, 1, 1, 1, 2, 3, 3, 3, 3, 3, -1, -1]
-
-GOLDEN = {
-    "anchor": """
-        1...........
-        11..........
-        111.........
-        1111........
-        1...1.......
-        1....1......
-        1....11.....
-        1....111....
-        1....1111...
-        1....11111..
-        ..........1.
-        ..........11
-    """,
-    "intra_doc": """
-        1...........
-        .1..........
-        .11.........
-        .111........
-        ....1.......
-        .....1......
-        .....11.....
-        .....111....
-        .....1111...
-        .....11111..
-        ..........1.
-        ..........11
-    """,
-    "full": """
-        1...........
-        11..........
-        111.........
-        1111........
-        11111.......
-        111111......
-        1111111.....
-        11111111....
-        111111111...
-        1111111111..
-        11111111111.
-        111111111111
-    """,
-}
-
-# Sliding window W=3 (q - k < 3) in the frame of [anchor] + document: document token j sits at local
-# index j + 1, so the anchor is visible for j in {0, 1} only.
-GOLDEN_WINDOW3 = {
-    "anchor": """
-        1...........
-        11..........
-        111.........
-        .111........
-        1...1.......
-        1....1......
-        1....11.....
-        .....111....
-        ......111...
-        .......111..
-        ..........1.
-        ..........11
-    """,
-    "intra_doc": """
-        1...........
-        .1..........
-        .11.........
-        .111........
-        ....1.......
-        .....1......
-        .....11.....
-        .....111....
-        ......111...
-        .......111..
-        ..........1.
-        ..........11
-    """,
-    "full": """
-        1...........
-        11..........
-        111.........
-        .111........
-        ..111.......
-        ...111......
-        ....111.....
-        .....111....
-        ......111...
-        .......111..
-        ........111.
-        .........111
-    """,
-}
-
 MODES = ("anchor", "intra_doc", "full")
 FLEX_L = 64  # the one sequence length every CPU flex test uses (each new length recompiles, ~6 s)
-
-
-def parse(literal: str) -> torch.Tensor:
-    rows = [r.strip() for r in literal.strip().splitlines()]
-    assert all(set(r) <= {"1", "."} for r in rows)
-    return torch.tensor([[c == "1" for c in r] for r in rows])
-
-
-def golden_ids() -> torch.Tensor:
-    return torch.tensor([GOLDEN_DOC_IDS])
 
 
 @pytest.fixture
@@ -342,6 +238,58 @@ def test_validation_mask_name():
         AnchorLayout.from_doc_ids(golden_ids(), "causal")
     with pytest.raises(ValueError, match=r"mask must be one of .*got 'doc'"):
         dense_mask(golden_ids(), "doc")
+
+
+# ------------------------------------------------------------------------- boundaries derived by the layout
+def test_from_doc_lens_equals_from_doc_ids():
+    lay = AnchorLayout.from_doc_lens([[3, 1, 5], [11]], 12, "intra_doc")
+    assert lay.doc_ids.tolist() == [GOLDEN_DOC_IDS, [0] + [1] * 11] and lay.mask == "intra_doc"
+    ref = AnchorLayout.from_doc_ids(torch.tensor([GOLDEN_DOC_IDS, [0] + [1] * 11]), "intra_doc")
+    assert lay.cu_seqlens_q.tolist() == ref.cu_seqlens_q.tolist() and lay.seqlens_k == ref.seqlens_k
+    with pytest.raises(ValueError, match=r"row 1: doc_lens \[6, 6\] do not fit a row of seq_len=12"):
+        AnchorLayout.from_doc_lens([[3], [6, 6]], 12)
+    with pytest.raises(ValueError, match="empty batch"):
+        AnchorLayout.from_doc_lens([], 12)
+
+
+def test_position_ids_labels_and_offsets_of_the_golden_row():
+    lay = AnchorLayout.from_doc_ids(golden_ids())
+    assert lay.local_offsets.tolist() == [[0, 0, 1, 2, 0, 0, 1, 2, 3, 4, 0, 1]]
+    assert lay.position_ids("continuous").tolist() == [list(range(12))]
+    assert lay.position_ids("reset").tolist() == [[0, 1, 2, 3, 1, 1, 2, 3, 4, 5, 10, 11]]
+    ids = torch.arange(100, 112)[None]
+    X = -100
+    assert lay.labels(ids).tolist() == [[X, 101, 102, 103, X, X, 106, 107, 108, 109, X, X]]
+    own = torch.tensor([[7, X, 8, 9, 10, 11, X, 13, 14, 15, 16, 17]])  # a user mask survives; boundaries added
+    assert lay.labels(ids, own).tolist() == [[X, X, 8, 9, X, X, X, 13, 14, 15, X, X]]
+    assert own[0, 0] == 7  # not modified in place
+    with pytest.raises(ValueError, match="positions must be one of"):
+        lay.position_ids("rope")
+
+
+def test_segment_plan_and_table_are_cached_on_the_layout():
+    lay = AnchorLayout.from_doc_ids(torch.tensor([GOLDEN_DOC_IDS, [0] + [1] * 11]))
+    plan = lay.segment_plan()
+    assert plan == (((0, 1, 0), (1, 3, 1), (4, 1, 1), (5, 5, 1), (10, 2, 0)), ((0, 1, 0), (1, 11, 1)))
+    assert lay.segment_plan() is plan
+    table = lay.segment_table()
+    assert table.tolist() == [[b, s, n, a] for b, segs in enumerate(plan) for s, n, a in segs]
+    assert lay.segment_table() is table
+    calls = []
+    assert lay.cached("k", lambda: calls.append(1) or "v") == "v" and lay.cached("k", lambda: calls.append(1)) == "v"
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [None, 3])
+def test_mask_mod_is_the_dense_mask_pointwise(mode, window):
+    """The predicate flex builds its BlockMask from, called one (q, k) at a time, equals dense_mask."""
+    lay = AnchorLayout.from_doc_ids(golden_ids(), mode)
+    mod = lay.mask_mod(window)
+    assert mod.__name__ == f"{mode}_mask" + ("" if window is None else f"_window{window}")
+    b, h = torch.tensor(0), torch.tensor(0)
+    pointwise = torch.tensor([[bool(mod(b, h, torch.tensor(q), torch.tensor(k))) for k in range(12)] for q in range(12)])
+    assert torch.equal(pointwise, parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode]))
 
 
 # ------------------------------------------------------------------------------------ property tests

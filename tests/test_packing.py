@@ -429,3 +429,87 @@ def test_packing_benchmark_smoke(tmp_path):
         for clock in ("cpu", "wall"):
             assert r[clock]["end_to_end_tokens_per_s"] > 0
     assert out["corpus"]["tokens"] >= 20000
+
+
+# ---------------------------------------------------------------------------- labels through packing
+def test_packer_carries_labels_through_splitting_and_dataset_map():
+    docs = [[ANCHOR, 11, 12, 13], [21, 22, 23, 24, 25, 26], [31, 32]]
+    labels = [[IGNORE, IGNORE, 12, 13], [IGNORE, IGNORE, IGNORE, 24, 25, 26], [31, 32]]
+    packer = DocumentPacker(seq_len=6, anchor_id=ANCHOR, pad_id=PAD)
+    rows = list(packer.iter_rows(docs, labels))
+    assert [r["input_ids"] for r in rows] == [[1, 11, 12, 13, 21, 22], [1, 23, 24, 25, 26, 31], [1, 32, 0, 0, 0, 0]]
+    # each token keeps its own label; the anchor and padding get -100 (boundaries are the collator's job)
+    assert [r["labels"] for r in rows] == [[IGNORE, IGNORE, 12, 13, IGNORE, IGNORE], [IGNORE, IGNORE, 24, 25, 26, 31],
+                                           [IGNORE, 32, IGNORE, IGNORE, IGNORE, IGNORE]]
+    ds = datasets.Dataset.from_dict({"input_ids": docs, "labels": labels})
+    mapped = ds.map(DocumentPacker(seq_len=6, anchor_id=ANCHOR, pad_id=PAD), batched=True, remove_columns=ds.column_names)
+    assert mapped["labels"] == [r["labels"] for r in rows]
+    dropped = list(DocumentPacker(seq_len=4, anchor_id=ANCHOR, pad_id=PAD, overflow="drop").iter_rows(docs, labels))
+    assert [r["labels"] for r in dropped] == [[IGNORE, IGNORE, 12, 13], [IGNORE, 31, 32, IGNORE]]
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ([[1, 2, 3, 4], [1]], r"document 1 has 1 labels for 6 input_ids"),
+        ([[1, 2, 3, 4]], r"labels ran out at document 1"),
+        ([[1, 2, 3, 4], [1] * 6, [1]], r"labels has more lists than the 2 documents"),
+        ([[1, 2.5, 3, 4], [1] * 6], r"document 0 labels\[1\] = 2.5 is not an integer"),
+    ],
+)
+def test_packer_labels_must_match_documents(labels, match):
+    docs = [[ANCHOR, 11, 12, 13], [21, 22, 23, 24, 25, 26]]
+    with pytest.raises(ValueError, match=match):
+        list(DocumentPacker(seq_len=6, anchor_id=ANCHOR, pad_id=PAD).iter_rows(docs, labels))
+
+
+def test_non_integral_values_are_refused_not_cast():
+    from anchorcontext.packing import int_array
+
+    assert int_array([3, 4.0, np.int32(5)], "x").tolist() == [3, 4, 5]
+    assert int_array(torch.tensor([1, 2]), "x").dtype == np.int64
+    for bad, match in (([1, 5.7], r"x\[1\] = 5.7 is not an integer"), ([True, 2], "x must hold integers, got bool"),
+                       (["a"], "x must hold integers"), ([[1]], "x must be a flat list")):
+        with pytest.raises(ValueError, match=match):
+            int_array(bad, "x")
+    with pytest.raises(ValueError, match=r"doc_lens\[0\] = 2.5 is not an integer"):
+        doc_ids_from_lens([2.5], 8)
+
+
+def test_packed_jsonl_with_a_fractional_token_id_is_refused(tmp_path):
+    """Through the training CLI's data path: a packed row with 5.7 names the row and position (was cast to 5)."""
+    import json
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from anchorcontext.training import DataArguments, build_datasets
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)},
+                                                                              unk_token="t3")),
+                                  bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t3")
+    rows = [{"input_ids": [1, 5, 6, 7], "doc_lens": [3]}, {"input_ids": [1, 5, 5.7, 7], "doc_lens": [3]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = DataArguments(dataset=str(path), seq_len=4, eval_fraction=0.0, shuffle_documents=False, max_eval_rows=0)
+    with pytest.raises(ValueError, match=r"packed row 1: input_ids\[2\] = 5.7 is not an integer"):
+        build_datasets(args, tok)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpus(), st.sampled_from(["split", "drop"]))
+def test_labels_travel_with_their_tokens(case, overflow):
+    """Each token's own label (here token + 1000) stays with it through stripping, splitting and dropping; the
+    collator then adds only the boundary -100s."""
+    seq_len, docs = case
+    labels = [[t + 1000 for t in d] for d in docs]
+    packer = DocumentPacker(seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, overflow=overflow)
+    rows = list(packer.iter_rows(docs, labels))
+    for r in rows:
+        used = sum(r["doc_lens"])
+        assert r["labels"] == [IGNORE] + [t + 1000 for t in r["input_ids"][1 : 1 + used]] + [IGNORE] * (seq_len - 1 - used)
+    if rows and overflow == "split":
+        batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, seq_len=seq_len)(
+            [{"input_ids": d, "labels": lab} for d, lab in zip(docs, labels)])
+        want = [[x if x == IGNORE else x + 1000 for x in expected_labels(r["input_ids"], r["doc_lens"])] for r in rows]
+        assert batch["labels"].tolist() == want

@@ -223,7 +223,7 @@ def test_patch_roundtrip_idempotent_and_register():
     ac.patch_model(model)
     ac.patch_model(model, backend="sdpa")  # idempotent: updates the backend only
     assert model.config._attn_implementation == ATTN_NAME
-    assert patch_state(model) == {"prev": "sdpa", "name": ATTN_NAME, "backend": "sdpa"}
+    assert patch_state(model) == {"prev": "sdpa", "name": ATTN_NAME, "backend": "sdpa", "hf_packing": "intra_doc"}
     assert len(model.model._forward_pre_hooks) == 1
     ac.unpatch_model(model)
     assert model.config._attn_implementation == "sdpa"
@@ -352,3 +352,227 @@ def test_auto_skips_flex_for_small_head_dim():
     cuda = torch.device("cuda")
     assert resolve_backend("auto", cuda, dtype=torch.float32, head_dim=8) == "sdpa"
     assert resolve_backend("auto", cuda, dtype=torch.float32, head_dim=64) == "flex"
+
+
+# ---- refusals: anchor inputs on a model whose attention is not ours (issue 14 item 4) ----------------------------
+def _anchor_call(model, batch):
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], anchor_layout=batch["anchor_layout"])
+
+
+def test_anchor_inputs_refused_on_never_patched_unpatched_and_reloaded_models(tmp_path):
+    batch = packed_batch()
+    model = make_model("llama")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"patch_model"):
+        _anchor_call(model, batch)  # never patched
+    ac.patch_model(model)
+    ac.unpatch_model(model)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"patch_model"):
+        _anchor_call(model, batch)  # unpatched
+    ac.patch_model(model)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert reloaded.config._attn_implementation == "sdpa"
+    with torch.no_grad(), pytest.raises(ValueError, match=r"patch_model"):
+        model_out = _anchor_call(reloaded, batch)  # reloaded: the saved config names the stock implementation
+    with torch.no_grad():
+        model_out = _anchor_call(ac.patch_model(reloaded), batch).logits
+        torch.testing.assert_close(model_out, _anchor_call(model, batch).logits, atol=0, rtol=0)
+
+
+def test_anchor_inputs_refused_when_anchorcontext_is_imported_before_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, anchorcontext as ac, transformers\n"
+        "cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1, head_dim=8)\n"
+        "m = transformers.LlamaForCausalLM(cfg).eval()\n"
+        "b = ac.anchor_inputs(torch.tensor([[0, 1, 1, 2, 2]]))\n"
+        "try:\n    m(input_ids=torch.tensor([[1, 5, 6, 7, 8]]), **b)\nexcept ValueError as e:\n    print('REFUSED', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert "REFUSED" in out.stdout and "patch_model" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_anchor_collator_under_trainer_refused_on_unpatched_model(tmp_path):
+    model = make_model("llama")
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": [ANCHOR] + torch.randint(3, VOCAB, (sum(lens),), generator=g).tolist(), "doc_lens": lens}
+            for lens in LENS]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        remove_unused_columns=False, save_strategy="no",
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=ac.AnchorCollator(anchor_id=ANCHOR, pad_id=PAD))
+    with pytest.raises(ValueError, match=r"patch_model"):
+        trainer.train()
+
+
+# ---- KV cache (issue 14 item 5) ---------------------------------------------------------------------------------
+def test_anchor_forward_never_returns_a_cache_and_refuses_one():
+    model = make_model("llama")
+    model.config.use_cache = True  # the config default of most checkpoints
+    ac.patch_model(model)
+    batch = packed_batch()
+    with torch.no_grad():
+        out = model(**batch)
+        assert out.past_key_values is None, "an anchor forward handed back a cache built under the anchor mask"
+        cache = model(input_ids=batch["input_ids"][:, :4], use_cache=True).past_key_values
+        assert cache is not None and cache.get_seq_length() == 4
+        with pytest.raises(ValueError, match=r"cache=DynamicCache holding 4 tokens"):
+            model(**batch, past_key_values=cache)
+
+
+def test_cache_argument_name_read_from_the_decoder():
+    from anchorcontext.patches.hooks import cache_arg_names
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return input_ids
+
+    assert cache_arg_names(Old()) == ("past_key_values",)
+    decoder = make_model("llama").model
+    names = cache_arg_names(decoder)
+    import inspect
+
+    assert names[0] in inspect.signature(decoder.forward).parameters and "past_key_values" in names
+
+
+# ---- per-call state (issue 14 item 6) ---------------------------------------------------------------------------
+def test_concurrent_anchor_and_plain_forwards_in_two_threads():
+    import threading
+
+    model = make_model("llama")
+    ac.patch_model(model)
+    batch = packed_batch()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = PAD, 0  # left padding: the plain forward needs its real mask
+    with torch.no_grad():
+        want_anchor = model(**batch).logits
+        want_plain = model(input_ids=ids, attention_mask=mask).logits
+    # the anchor forward waits inside its first layer until the plain forward has finished, so both are in flight
+    plain_done = threading.Event()
+    layer = model.model.layers[0]
+
+    def hold(module, args, output):
+        if threading.current_thread().name == "anchor":
+            assert plain_done.wait(60)
+
+    h = layer.register_forward_hook(hold)
+    got, errors = {}, []
+
+    def run(name, fn):
+        try:
+            with torch.no_grad():
+                got[name] = fn()
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+        finally:
+            if name == "plain":
+                plain_done.set()
+
+    threads = [threading.Thread(target=run, name="anchor", args=("anchor", lambda: model(**batch).logits)),
+               threading.Thread(target=run, name="plain",
+                                args=("plain", lambda: model(input_ids=ids, attention_mask=mask).logits))]
+    threads[0].start()
+    threads[1].start()
+    for t in threads:
+        t.join(120)
+    h.remove()
+    assert not errors, errors
+    torch.testing.assert_close(got["anchor"], want_anchor, atol=0, rtol=0)
+    torch.testing.assert_close(got["plain"], want_plain, atol=0, rtol=0)
+    # afterwards, the main thread's plain forward still builds its mask (no flag left set)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want_plain, atol=0, rtol=0)
+
+
+def test_dataparallel_style_replicas_in_threads():
+    """What nn.DataParallel does: the same module called from a pool of threads, anchor and plain calls mixed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model("llama")
+    ac.patch_model(model)
+    batch = packed_batch()
+    ids = batch["input_ids"].clone()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    calls = [lambda: model(**batch).logits, lambda: model(input_ids=ids, attention_mask=mask).logits] * 4
+    with torch.no_grad():
+        want = [c() for c in calls]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda c: c(), calls))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---- the model's own implementation stays for plain forwards (issue 15 item 3) ------------------------------------
+@pytest.mark.parametrize("stock", ["flash_attention_2", "flash_attention_3", "flex_attention", "kernels-community/fake-attn"])
+def test_patch_keeps_the_loaded_implementation_for_plain_forwards(stock, monkeypatch):
+    """A stand-in registered under the stock name (the real kernels need CUDA) records its calls."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def stand_in(module, q, k, v, attention_mask, **kw):
+        assert not any(key.startswith("anchor") for key in kw), kw
+        calls.append(attention_mask)
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kw)
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, stock, stand_in)
+    model = make_model("llama")
+    ref = make_model("llama")
+    model.config._attn_implementation = stock  # as from_pretrained(attn_implementation=stock) leaves it
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        stock_out = model(input_ids=ids).logits
+        n = len(calls)
+        assert n == model.config.num_hidden_layers
+        ac.patch_model(model)
+        assert patch_state(model)["prev"] == stock
+        torch.testing.assert_close(model(input_ids=ids).logits, stock_out, atol=0, rtol=0)
+        assert len(calls) == 2 * n, "the plain forward of the patched model did not run the loaded implementation"
+        batch = packed_batch()
+        ac.patch_model(ref)
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=0, rtol=0)
+        assert len(calls) == 2 * n, "the anchor forward reached the stock implementation"
+    # gradient checkpointing re-runs the attention in backward, after the forward's hooks: same gradients
+    model.train().gradient_checkpointing_enable()
+    ref.train().gradient_checkpointing_enable()
+    for m in (model, ref):
+        m(**batch).loss.backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0, msg=n)
+    ac.unpatch_model(model)
+    assert model.config._attn_implementation == stock
+
+
+# ---- parallel/ulysses.py entries (issue 13 item 7) ----------------------------------------------------------------
+def test_sp_entry_keeps_the_eager_fallback_and_unprepare_restores_it(monkeypatch):
+    import transformers.models.llama.modeling_llama as ml
+
+    from anchorcontext.parallel.ulysses import SP_ATTN_NAME, prepare_model_for_sp, unprepare_model_for_sp
+
+    eager = ml.eager_attention_forward
+    used = []
+
+    def counting(*a, **kw):
+        used.append(1)
+        return eager(*a, **kw)
+
+    monkeypatch.setattr(ml, "eager_attention_forward", counting)
+    model = make_model("llama", "eager")
+    ac.patch_model(model)
+    assert model.config._attn_implementation == ATTN_NAME_EAGER
+    prepare_model_for_sp(model, sp_size=1, group_fn=lambda: None)
+    assert model.config._attn_implementation == SP_ATTN_NAME
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert used, "a plain forward under anchor_sp ran SDPA instead of the model's eager attention"
+    unprepare_model_for_sp(model)
+    assert model.config._attn_implementation == ATTN_NAME_EAGER

@@ -17,6 +17,9 @@ import torch
 
 from ._common import check_options, check_qkv, default_scaling
 
+# FlexAttention ``kernel_options`` for every call (None: torch's defaults); benchmarks time variants side by side
+KERNEL_OPTIONS: dict | None = None
+
 
 @functools.cache
 def _compiled_flex():
@@ -31,40 +34,6 @@ def _scalar(value: float, device: torch.device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=device)
 
 
-def _mask_mod(doc_ids: torch.Tensor, mask: str, window: int | None):
-    doc = doc_ids
-    # the window goes in as a captured 0-dim tensor, not a Python int: the compiled kernel then takes it as an
-    # input instead of specialising on its value (one compile for every window size, e.g. Gemma3's layers)
-    win = None if window is None else torch.full((), window, dtype=torch.int64, device=doc.device)
-    if window is not None and mask == "anchor":
-        B, L = doc.shape
-        idx = torch.arange(L, device=doc.device).expand(B, L)
-        new = torch.ones_like(doc, dtype=torch.bool)
-        new[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
-        local = idx - start + 1
-    else:
-        local = None
-
-    def mask_mod(b, h, q, k):
-        allowed = k <= q
-        if mask != "full":
-            same = doc[b, q] == doc[b, k]
-            if mask == "anchor":
-                same = same | ((k == 0) & (doc[b, q] >= 0))
-            allowed = allowed & same
-        if win is not None:
-            in_win = (q - k) < win
-            if mask == "anchor":
-                anchor_key = (k == 0) & (doc[b, q] > 0)
-                in_win = torch.where(anchor_key, local[b, q] < win, in_win)
-            allowed = allowed & in_win
-        return allowed
-
-    mask_mod.__name__ = f"{mask}_mask" + ("" if window is None else f"_window{window}")
-    return mask_mod
-
-
 def block_mask_for(layout, sliding_window=None, device=None):
     """The (cached) BlockMask for ``layout`` on ``device``."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -72,14 +41,10 @@ def block_mask_for(layout, sliding_window=None, device=None):
     device = torch.device(device or layout.doc_ids.device)
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one cache entry
         device = torch.device("cuda", torch.cuda.current_device())
-    key = ("flex_block_mask", sliding_window, str(device))
-    bm = layout._cache.get(key)
-    if bm is None:
-        doc = layout.doc_ids.to(device)
-        B, L = doc.shape
-        bm = create_block_mask(_mask_mod(doc, layout.mask, sliding_window), B, None, L, L, device=device)
-        layout._cache[key] = bm
-    return bm
+    B, L = layout.batch_size, layout.seq_len
+    # the predicate is layout.mask_mod (the one dense_mask evaluates); its doc ids live on the kernel's device
+    return layout.cached(("flex_block_mask", sliding_window, str(device)), lambda: create_block_mask(
+        layout.to(device).mask_mod(sliding_window), B, None, L, L, device=device))
 
 
 def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
@@ -105,6 +70,6 @@ def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=N
 
     out = _compiled_flex()(
         query, key, value, score_mod=score_mod, block_mask=bm, scale=default_scaling(scaling, D),
-        enable_gqa=Hkv != H,
+        enable_gqa=Hkv != H, kernel_options=KERNEL_OPTIONS,
     )
     return out.transpose(1, 2)

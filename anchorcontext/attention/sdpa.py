@@ -87,34 +87,6 @@ _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _segment_plan(layout):
-    """Per row, the segments ``(s, n, a)``: query start, length, 1 if the row's anchor is prepended.
-    Cached on the layout, so all layers of a forward share it."""
-    key = ("sdpa_segment_plan",)
-    hit = layout._cache.get(key)
-    if hit is None:
-        rows: list[list[tuple[int, int, int]]] = [[] for _ in range(layout.batch_size)]
-        pos = [0] * layout.batch_size
-        for n, r, a in zip(layout.seqlens_q, layout.seg_row, layout.seg_anchor):
-            rows[r].append((pos[r], n, int(a)))
-            pos[r] += n
-        hit = tuple(tuple(r) for r in rows)
-        layout._cache[key] = hit
-    return hit
-
-
-def _segment_table(layout) -> torch.Tensor:
-    """``(S, 4)`` int64 rows ``(b, s, n, a)`` of the segment plan, for the compiled kernel (cached on the layout)."""
-    key = ("cpu_kernel_segments",)
-    hit = layout._cache.get(key)
-    if hit is None:
-        hit = torch.tensor(
-            [(b, s, n, a) for b, segs in enumerate(_segment_plan(layout)) for s, n, a in segs], dtype=torch.int64
-        ).reshape(-1, 4)
-        layout._cache[key] = hit
-    return hit
-
-
 class _AnchorKernelCPU(torch.autograd.Function):
     """The compiled exact-tile kernel (``cpu_kernel``): one forward and one backward call per layer for the
     whole batch, Q/K/V read (no full-size copies) from their ``(B, L, H, D)`` views. Saves q, k, v, out and
@@ -230,8 +202,8 @@ def sdpa_attention(query, key, value, layout, *, scaling=None, softcap=None, sli
     if query.device.type == "cpu" and not dropout and window is None and layout.mask != "full":
         kernel = cpu_kernel.get() if query.dtype in cpu_kernel.DTYPES else None
         if kernel is not None:
-            return _AnchorKernelCPU.apply(query, key, value, _segment_table(layout), scale, kernel)
-        return _AnchorFlashCPU.apply(query, key, value, _segment_plan(layout), scale)
+            return _AnchorKernelCPU.apply(query, key, value, layout.segment_table(), scale, kernel)
+        return _AnchorFlashCPU.apply(query, key, value, layout.segment_plan(), scale)
     return _blockwise_sdpa(query, key, value, layout, scale=scale, window=window, dropout=dropout)
 
 
@@ -245,7 +217,7 @@ def _blockwise_sdpa(query, key, value, layout, *, scale, window, dropout):
         return _sdpa(query, key, value, **kw).transpose(1, 2)
 
     # per-row segment lengths and anchor flags, from the plan cached on the layout (once per batch)
-    plan = _segment_plan(layout)
+    plan = layout.segment_plan()
     rows = [[n for _, n, _ in segs] for segs in plan]
     anchors = [[bool(a) for _, _, a in segs] for segs in plan]
     outs = []

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from . import varlen_merge
 from ._common import check_options, check_qkv, default_scaling
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, 
         else:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
-    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    with varlen_merge.pin_flash():  # torch may pick cuDNN (wrong on unaligned inputs, pytorch #194818)
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -146,6 +148,8 @@ def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, s
     """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
     B, H, Hkv, L, D = check_qkv(query, key, value, layout)
     check_options(softcap, sliding_window, dropout)
+    if varlen_merge.selected(layout, softcap, dropout):  # the gather-free path (ANCHORCONTEXT_VARLEN_IMPL=merge)
+        return varlen_merge.varlen_merge_attention(query, key, value, layout, scaling=scaling, sliding_window=sliding_window)
     window = None if sliding_window is None else int(sliding_window)
     reason = unavailable_reason(query.device, softcap, dropout, window, query.dtype)
     if reason is not None:  # before any gather

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-IGNORE_INDEX = -100
+from ..layout import IGNORE_INDEX
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -115,9 +115,11 @@ def register_sp_attention() -> str:
 
     register()
     if AttentionInterface._global_mapping.get(SP_ATTN_NAME) is None:
-        inner = AttentionInterface._global_mapping[ATTN_NAME]
 
         def anchor_sp_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+            # the model's own patched entry ("anchor", "anchor_eager", "anchor|<stock>"), sent by the SP pre-hook,
+            # so a plain forward under SP runs the fallback the model had (eager for Gemma2's softcap, ...)
+            inner = AttentionInterface._global_mapping[kwargs.pop("anchor_sp_inner", ATTN_NAME)]
             layout = kwargs.pop("anchor_sp_layout", None)
             if layout is not None:
                 kwargs["anchor_layout"] = layout
@@ -178,8 +180,9 @@ def global_layout(kwargs: dict, local_len: int, sp_size: int, group, *, gather: 
 
 
 def _sp_pre_hook(state, module, args, kwargs):
+    kwargs["anchor_sp_inner"] = state["inner"]
     if not any(k in kwargs for k in ("anchor_layout", "anchor_doc_ids", "anchor_mask")):
-        return None
+        return args, kwargs
     ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
     ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
     if not isinstance(ref, torch.Tensor):
@@ -253,7 +256,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
     BEFORE DeepSpeed wraps the attention (``register_ulysses``, or accelerate/Trainer ``prepare``).
     ``group_fn`` returns the SP process group (default: DeepSpeed's).
     """
-    from ..patches import _pretrained_root, is_patched, patch_model, patch_state
+    from ..patches import ATTN_NAME, _pretrained_root, is_patched, patch_model, patch_state
 
     root = _pretrained_root(model)
     check_sp_heads(root.config, sp_size)
@@ -272,6 +275,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
         "group": group_fn or default_sp_group,
         "backend": lambda: (patch_state(model) or {}).get("backend", "auto"),
         "gather": True,
+        "inner": (patch_state(model) or {}).get("name", ATTN_NAME),
     }
     state["hook"] = root.base_model.register_forward_pre_hook(
         functools.partial(_sp_pre_hook, state), with_kwargs=True, prepend=True
@@ -288,8 +292,9 @@ def sp_state(model) -> dict | None:
 
 
 def unprepare_model_for_sp(model):
-    """Remove the SP hook and return to ``"anchor"`` (the patch_model state stays)."""
-    from ..patches import ATTN_NAME, _pretrained_root
+    """Remove the SP hook and return to the model's patched entry (``"anchor"``, ``"anchor_eager"``, ...); the
+    patch_model state stays."""
+    from ..patches import _pretrained_root
 
     root = _pretrained_root(model)
     state = getattr(root, _SP_STATE_ATTR, None)
@@ -298,7 +303,7 @@ def unprepare_model_for_sp(model):
     state["hook"].remove()
     state["hook_outer"].remove()
     delattr(root, _SP_STATE_ATTR)
-    root.set_attn_implementation(ATTN_NAME)
+    root.set_attn_implementation(state["inner"])
     return model
 
 

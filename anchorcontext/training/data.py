@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..packing import DocumentPacker, PackStats, anchor_token_id
+from ..packing import DocumentPacker, PackStats, anchor_and_pad_ids, int_array
 from .args import DataArguments
 
 logger = logging.getLogger("anchorcontext")
@@ -248,6 +248,7 @@ def _packed_rows(records: Iterable[dict], args: DataArguments, anchor_id: int, v
         ids, lens = rec.get(args.tokens_field), rec.get("doc_lens")
         if ids is None:
             raise ValueError(f"packed row {n} has 'doc_lens' but no {args.tokens_field!r}; its fields are {sorted(rec)}")
+        ids = int_array(ids, f"packed row {n}: {args.tokens_field}").tolist()  # 5.7 is refused, never cast
         if len(ids) != args.seq_len:
             raise ValueError(f"packed row {n} has {len(ids)} tokens but seq_len={args.seq_len}")
         if ids[0] != anchor_id:
@@ -302,11 +303,7 @@ class PackedStream(torch.utils.data.IterableDataset):
 
 
 def _anchor_and_pad(tokenizer) -> tuple[int, int]:
-    anchor = anchor_token_id(tokenizer)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return anchor, int(pad)
+    return anchor_and_pad_ids(tokenizer)
 
 
 def build_datasets(args: DataArguments, tokenizer, *, seed: int = 0) -> TrainData:
