@@ -498,6 +498,16 @@ def _device_of(model) -> str:
     return p.device.type + (f" ({torch.cuda.get_device_name(p.device)})" if p.device.type == "cuda" else "")
 
 
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
 def _config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -516,8 +526,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     """
     from tqdm.auto import tqdm
 
-    from .training import parse_args, run
-    from .training.train import _jsonable, build_model
+    from .training import build_model, parse_args, run
 
     train_defaults, block = load_compare_config(config)
     opts = opts or CompareOptions(**block)

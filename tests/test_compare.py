@@ -24,8 +24,9 @@ def _opts(out, **kw):
 
 @pytest.fixture(scope="module")
 def preset_run(tmp_path_factory):
-    """Runs the CPU preset once, recording what the attention kernel itself is called with."""
-    from anchorcontext import patches
+    """Runs the CPU preset once, recording what the attention kernel itself is called with (the patched
+    attention function calls `anchor_attention` from `anchorcontext.patches.registration`)."""
+    from anchorcontext.patches import registration as patches
 
     out = tmp_path_factory.mktemp("cmp")
     seen: dict[str, list[str]] = {}
@@ -158,7 +159,7 @@ def test_compare_presets_parse(name):
 
     train, block = load_compare_config(ROOT / "configs" / name)
     opts = CompareOptions(**block)
-    m, d, a, t = parse_args([], defaults=train)
+    m, d, a, _t = parse_args([], defaults=train)
     assert opts.variants and a.eval_tasks and d.seq_len >= 128
     if name == "compare_smollm2_gpu.yaml":  # the paper's RoPE-theta scaling at 16K, evaluated beyond it
         assert (m.model_name_or_path, m.dtype, m.rope_theta, d.seq_len) == ("smollm2", "bfloat16", 1e6, 16384)
