@@ -76,8 +76,8 @@ class CompareOptions:
     The RULER tasks, lengths and samples are the training options ``eval_tasks`` / ``eval_lengths`` /
     ``eval_samples`` (lengths default to ``seq_len/2, seq_len, 2*seq_len``). ``eval_dtype``: the dtype every
     model is evaluated in. ``drift_*``: the RoPE drift measurement (``drift_settings`` of
-    :data:`anchorcontext.diagnostics.SETTINGS`; sequences of ``drift_length`` tokens of held-out-free stdlib
-    text, ``drift_sequences`` of them). ``reference``: the variant others are compared with (default ``full``
+    :data:`anchorcontext.diagnostics.SETTINGS`; ``drift_sequences`` windows of ``drift_length`` tokens of stdlib
+    text). ``base``: evaluate the initial weights (with the config's RoPE overrides) as a row. ``reference``: the variant others are compared with (default ``full``
     when present, else the first).
     """
 
@@ -281,8 +281,8 @@ def spread(values: list[float]) -> dict:
 def verdict(a: dict, ref: dict, higher_is_better: bool) -> str:
     """How the spread ``a`` compares with ``ref`` (both from :func:`spread`).
 
-    ``"better"`` / ``"worse"``: the mean difference exceeds the seed-to-seed range of both (every seed of one lies
-    beyond ... the difference is larger than either spread). ``"within spread"``: it does not. ``"one seed"``: a
+    ``"better"`` / ``"worse"``: the difference of the means exceeds the seed-to-seed range (max - min) of both
+    sides. ``"within spread"``: it does not. ``"one seed"``: a
     side has fewer than two seeds, so no spread is known and no direction is claimed. ``"n/a"``: no value.
     """
     if a["n"] == 0 or ref["n"] == 0:
