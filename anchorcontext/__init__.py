@@ -5,7 +5,7 @@ One line: ``anchorcontext.patch_model(model)``; batches from :class:`AnchorColla
 exactly like stock transformers attention.
 """
 
-from .attention import anchor_attention, dispatch
+from .attention import anchor_attention
 from .collator import AnchorCollator, anchor_inputs, labels_for, position_ids_for
 from .layout import MASKS, AnchorLayout, dense_mask
 from .packing import DocumentPacker, PackStats, anchor_token_id, pack_documents
@@ -24,7 +24,6 @@ __all__ = [
     "anchor_inputs",
     "anchor_token_id",
     "dense_mask",
-    "dispatch",
     "is_patched",
     "labels_for",
     "pack_documents",

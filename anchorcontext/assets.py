@@ -131,10 +131,14 @@ def heldout_split(docs: list[dict], fraction: float = 0.05, seed: int = 0) -> tu
     for doc in docs:
         if "name" not in doc:
             raise ValueError(f"every document needs a 'name' key; got keys {sorted(doc)!r}")
-        digest = hashlib.sha256(f"{seed}:{doc['name']}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2.0**64
-        (heldout if u < fraction else train).append(doc)
+        (heldout if is_heldout(str(doc["name"]), fraction, seed) else train).append(doc)
     return train, heldout
+
+
+def is_heldout(key: str, fraction: float, seed: int) -> bool:
+    """The held-out split (also training's): ``sha256(f"{seed}:{key}")`` mapped to [0, 1) is below ``fraction``."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
+    return u < fraction
 
 
 def describe_corpus(docs: list[dict] | None = None) -> dict:

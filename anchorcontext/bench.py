@@ -145,7 +145,7 @@ class BenchConfig:
         for m in self.masks:
             if m not in MASKS:
                 raise ValueError(f"masks must be a subset of {MASKS}, got {m!r}")
-        from .attention.dispatch import BACKENDS
+        from .attention.registry import BACKENDS
 
         for b in self.backends or []:
             if b not in BACKENDS:
@@ -406,21 +406,9 @@ def machine_info(device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------------ runs
 def trainable_backends(device: torch.device, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """Backends that can train on ``device`` (in ``wanted`` order) and why the others are skipped."""
-    from .attention import varlen as _varlen
+    from .attention.registry import trainable
 
-    skipped: dict[str, str] = {}
-    avail = ["sdpa"]
-    if device.type == "cuda":
-        avail.append("flex")
-        why = _varlen.unavailable_reason(device)
-        if why is None:
-            avail.append("varlen")
-        else:
-            skipped["varlen"] = why
-    else:
-        skipped["flex"] = "no FlexAttention backward on CPU"
-        skipped["varlen"] = "needs CUDA"
-    skipped["reference"] = "dense O(L^2) oracle, not a training path"
+    avail, skipped = trainable(device)
     if wanted is None:
         return avail, skipped
     out = []

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anchorcontext.attention import cpu_kernel, flex_attention_backend, sdpa_attention, varlen_attention
+from anchorcontext.attention import cpu_kernel, flex_attention, sdpa_attention, varlen_attention
 from anchorcontext.attention import flex as _flex
 from anchorcontext.attention import varlen as _varlen
 from anchorcontext.attention import varlen_merge as _varlen_merge
@@ -145,7 +145,7 @@ def available_backends(device: torch.device, wanted: list[str] | None) -> list[t
         out += [(name, True, f"FlexAttention kernel_options={opts}") for name, opts in FLEX_VARIANTS.items()]
         why = _varlen.unavailable_reason(device)
         if why is None:
-            fn, src = _varlen.flash_attn_func()
+            fn, src = _varlen.flash_varlen_kernel()
             out.append(("varlen", True, "K/V gather, " + (src if fn is not None else "torch varlen_attn (flash pinned)")))
         else:
             print(f"# varlen skipped: {why}", file=sys.stderr)
@@ -193,7 +193,7 @@ def flex_variant(options):
     def run(*args, **kw):
         old, _flex.KERNEL_OPTIONS = _flex.KERNEL_OPTIONS, dict(options)
         try:
-            return flex_attention_backend(*args, **kw)
+            return flex_attention(*args, **kw)
         finally:
             _flex.KERNEL_OPTIONS = old
 
@@ -222,7 +222,7 @@ def flex_merge(query, key, value, layout, *, scaling=None):
     return merged.to(query.dtype).transpose(1, 2)
 
 
-BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention_backend, "varlen": varlen_gather,
+BACKEND_FNS = {"sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "flex": flex_attention, "varlen": varlen_gather,
                "varlen_merge": _varlen_merge.varlen_merge_attention,
                **{name: flex_variant(opts) for name, opts in FLEX_VARIANTS.items() if opts is not None},
                "flex_merge": flex_merge}

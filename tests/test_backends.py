@@ -6,10 +6,12 @@ float64 oracle may be at most a small multiple of the error of the plain torch r
 
     err(backend, ref64) <= m * err(ref_same_dtype, ref64) + eps
 
-The varlen backend runs on CPU through ``tests/flash_standin.py`` (flash-attn's documented semantics),
-so its gather, cu_seqlens and bottom-right causal alignment are exercised. FlexAttention has no CPU
-backward: it is checked forward-only under ``no_grad``, always at ``(B, L) = (2, FLEX_L)`` with the
-head shapes of ``test_layout.py`` so that compiles are shared (each new shape/option recompiles).
+Parametrised from the backend registry (``anchorcontext.attention.registry``): every backend that runs on CPU
+is checked forward and backward (varlen through ``tests/flash_standin.py``, flash-attn's documented semantics, so
+its gather, cu_seqlens and bottom-right causal alignment are exercised); the others (flex: no CPU backward) are
+checked forward-only under ``no_grad``, always at ``(B, L) = (2, FLEX_L)`` with the shapes of ``FLEX_VARIANTS``
+so that compiles are shared (each new shape/option recompiles). Each backend's effective mask is also probed
+against the golden masks.
 """
 
 from __future__ import annotations
@@ -20,22 +22,27 @@ import logging
 import flash_standin
 import pytest
 import torch
+from golden_masks import GOLDEN, GOLDEN_WINDOW3, golden_ids, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layout import FLEX_L, FLEX_VARIANTS, doc_id_batches
+from test_layout import doc_id_batches
 
-from anchorcontext import AnchorLayout, anchor_attention, dispatch
+from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import (
     BACKENDS,
+    backend_fn,
     block_mask_for,
     cpu_kernel,
-    flex_attention_backend,
+    flex_attention,
     reference_attention,
+    registry,
     resolve_backend,
+    sdpa,
     sdpa_attention,
     varlen,
     varlen_attention,
 )
+from anchorcontext.attention.varlen import gather_rows
 
 dispatch_module = importlib.import_module("anchorcontext.attention.dispatch")
 
@@ -138,7 +145,21 @@ def sdpa_stock(*args, **kw):
         return sdpa_attention(*args, **kw)
 
 
-TRAINABLE = {"reference32": reference32, "sdpa": sdpa_attention, "sdpa_stock": sdpa_stock, "varlen": varlen_attention}
+def _runs_on_cpu(backend) -> bool:
+    """The backend runs on CPU in float32 (with the flash stand-in installed, as the ``standin`` fixture does)."""
+    saved, varlen._KERNEL_OVERRIDE = varlen._KERNEL_OVERRIDE, flash_standin.flash_attn_varlen_func
+    try:
+        return backend.unavailable_reason(torch.device("cpu"), torch.float32, {"needs_grad": True}) is None
+    finally:
+        varlen._KERNEL_OVERRIDE = saved
+
+
+# Backends checked forward and backward on CPU, from the registry: the reference in float32 (its float64 self is the
+# oracle), and sdpa also on its stock path; the rest run forward-only (flex: no CPU backward).
+TRAINABLE = {b.name: b.fn for b in registry.REGISTRY if _runs_on_cpu(b)}
+TRAINABLE["reference32"] = TRAINABLE.pop("reference")
+TRAINABLE["sdpa_stock"] = sdpa_stock
+FORWARD_ONLY = {b.name: b.fn for b in registry.REGISTRY if not _runs_on_cpu(b)}
 
 
 # ----------------------------------------------------------------------------- forward + gradients
@@ -235,6 +256,76 @@ def test_dropout_runs_and_zero_dropout_is_deterministic():
     torch.testing.assert_close(b, sdpa_attention(q, k, v, layout), rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------------- effective masks (golden)
+
+
+def effective_mask(fn, layout: AnchorLayout, *, heads=(2, 1), dtype=torch.float32, **kw) -> torch.Tensor:
+    """``(B, L, L)`` bool: where ``fn`` really lets queries see keys, observed by probing.
+
+    Zero queries give every allowed key the same softmax weight, and one-hot values (``v[k] = e_k``) make output
+    column ``k`` equal that weight, so ``out[q, k] > 0`` exactly where the kernel let query ``q`` see key ``k``.
+    Also asserts the weights are uniform over the visible keys (each equals 1 / count), so a backend that gave a
+    key a partial weight would be caught, and checks every query head (GQA included). Zero queries give zero
+    scores, so a softcap (``c * tanh(0) = 0``) leaves the probe unchanged.
+    """
+    B, L = layout.doc_ids.shape
+    H, Hkv = heads
+    q = torch.zeros(B, H, L, L, dtype=dtype)
+    k = torch.randn(B, Hkv, L, L).to(dtype)
+    v = torch.eye(L, dtype=dtype).expand(B, Hkv, L, L).contiguous()
+    with torch.no_grad():
+        out = fn(q, k, v, layout, **kw).float()  # (B, L, H, L): out[b, q, h, k] = weight of key k
+    seen = out > 0.5 / L
+    for h in range(1, H):
+        assert torch.equal(seen[:, :, h], seen[:, :, 0]), f"head {h} sees a different mask than head 0"
+    count = seen[:, :, 0].sum(-1, keepdim=True).clamp(min=1)
+    atol = 1e-5 if dtype == torch.float32 else 4e-3  # 1/count rounded to bf16
+    torch.testing.assert_close(out[:, :, 0], seen[:, :, 0] / count, atol=atol, rtol=0)
+    return seen[:, :, 0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("backend", ["reference", *TRAINABLE])
+def test_golden_effective_mask(backend, mode, window, standin):
+    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
+    fn = reference_attention if backend == "reference" else TRAINABLE[backend]
+    layout = AnchorLayout.from_doc_ids(golden_ids(), mode)
+    for heads in [(2, 2), (4, 2)]:
+        seen = effective_mask(fn, layout, heads=heads, sliding_window=window)
+        assert torch.equal(seen[0], golden), f"{backend} {mode} window={window} heads={heads}:\n{seen[0].int()}"
+    if backend == "varlen":
+        assert standin.CALLS and all(c["causal"] for c in standin.CALLS)
+
+
+# The CPU forward-only variants (each compiles once, ~7 s cold; the flex tests below reuse them): mask mode, dtype,
+# (H, Hkv) and options. GQA, softcap and the window share one bf16 variant to keep compiles few.
+FLEX_L = 64  # the one sequence length every CPU flex test uses (each new length recompiles, ~6 s)
+FLEX_VARIANTS = {
+    "anchor": ("anchor", torch.float32, (2, 2), {}),
+    "intra_doc": ("intra_doc", torch.float32, (2, 2), {}),
+    "full": ("full", torch.float32, (2, 2), {}),
+    "anchor_bf16_gqa_softcap_window3": ("anchor", torch.bfloat16, (4, 2), dict(softcap=2.0, sliding_window=3)),
+}
+
+
+@pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
+@pytest.mark.parametrize("backend", list(FORWARD_ONLY))
+def test_golden_effective_mask_forward_only(backend, variant):
+    """Backends without a CPU backward (compiled FlexAttention), forward. The golden row is right-padded to FLEX_L
+    tokens, which leaves its first 12 x 12 block unchanged (padding keys lie in every golden query's future)."""
+    mode, dtype, heads, kw = FLEX_VARIANTS[variant]
+    window = kw.get("sliding_window")
+    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
+    ids = torch.full((2, FLEX_L), -1)
+    ids[0, :12] = golden_ids()[0]
+    ids[1] = torch.tensor([0] + [1] * 20 + [2] * 30 + [3] * 13)
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    seen = effective_mask(FORWARD_ONLY[backend], layout, heads=heads, dtype=dtype, **kw)
+    assert torch.equal(seen[0, :12, :12], golden)
+    assert torch.equal(seen, layout.dense_mask(window))
+
+
 # --------------------------------------------------------------------------------- flex (CPU, forward)
 
 FLEX_PAIRS = [("odd_lengths", "single_doc"), ("many_docs", "trailing_padding"), ("one_token_docs", None)]
@@ -247,11 +338,12 @@ def flex_ids(a: str, b: str | None) -> torch.Tensor:
 
 @pytest.mark.parametrize("pair", FLEX_PAIRS, ids=lambda p: f"{p[0]}+{p[1]}")
 @pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
-def test_flex_forward_matches_reference(variant, pair):
+@pytest.mark.parametrize("backend", list(FORWARD_ONLY))
+def test_forward_only_backend_matches_reference(backend, variant, pair):
     mode, dtype, (H, Hkv), kw = FLEX_VARIANTS[variant]
     layout = AnchorLayout.from_doc_ids(flex_ids(*pair), mode)
-    q, k, v = make_qkv(2, H, Hkv, FLEX_L, FLEX_L, dtype)  # the shapes of test_layout's probe: no recompile
-    check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, **kw)
+    q, k, v = make_qkv(2, H, Hkv, FLEX_L, FLEX_L, dtype)  # the shapes of the golden probe: no recompile
+    check_against_oracle(FORWARD_ONLY[backend], q, k, v, layout, grad=False, **kw)
 
 
 def test_flex_block_mask_built_once_per_layout(block_mask_builds):
@@ -260,12 +352,12 @@ def test_flex_block_mask_built_once_per_layout(block_mask_builds):
     layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
     q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
     with torch.no_grad():
-        outs = [flex_attention_backend(q, k, v, layout) for _ in range(3)]  # three "layers"
+        outs = [flex_attention(q, k, v, layout) for _ in range(3)]  # three "layers"
     assert built == ["anchor_mask"]
     assert block_mask_for(layout) is block_mask_for(layout)
     torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
     with torch.no_grad():
-        flex_attention_backend(q, k, v, AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[1])))
+        flex_attention(q, k, v, AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[1])))
     assert built == ["anchor_mask", "anchor_mask"]
 
 
@@ -275,10 +367,10 @@ def test_flex_compiles_once_for_any_softcap_or_window_value():
     from torch._dynamo.utils import counters
 
     layout = AnchorLayout.from_doc_ids(flex_ids(*FLEX_PAIRS[0]))
-    q, k, v = make_qkv(2, 4, 2, FLEX_L, FLEX_L, torch.bfloat16)  # test_layout's softcap+window variant shapes
+    q, k, v = make_qkv(2, 4, 2, FLEX_L, FLEX_L, torch.bfloat16)  # FLEX_VARIANTS' softcap+window variant shapes
     graphs = []
     for cap, window in [(2.0, 3), (7.5, 3), (7.5, 5), (0.5, 11)]:
-        check_against_oracle(flex_attention_backend, q, k, v, layout, grad=False, softcap=cap, sliding_window=window)
+        check_against_oracle(flex_attention, q, k, v, layout, grad=False, softcap=cap, sliding_window=window)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == graphs[:1] * 3, graphs
 
@@ -288,11 +380,11 @@ def test_flex_cpu_grad_raises_clear_error():
     q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
     q.requires_grad_(True)
     with pytest.raises(ValueError, match="backend='flex' has no backward on CPU"):
-        flex_attention_backend(q, k, v, layout)
+        flex_attention(q, k, v, layout)
     with pytest.raises(ValueError, match="backend='flex' has no backward on CPU"):
         anchor_attention(q, k, v, layout, backend="flex")
     with pytest.raises(ValueError, match="dropout=0.1 is not supported by the 'flex' backend"):
-        flex_attention_backend(q, k, v, layout, dropout=0.1)
+        flex_attention(q, k, v, layout, dropout=0.1)
 
 
 # ---------------------------------------------------------------------------- dispatch and entry point
@@ -312,8 +404,8 @@ def test_dispatch_choice_on_cpu(fresh_log, monkeypatch):
     assert resolve_backend("auto", cpu, softcap=30.0) == "reference"  # sdpa cannot softcap
     for name in BACKENDS:
         assert resolve_backend(name, cpu) == name
-    assert dispatch() is sdpa_attention and dispatch("auto", softcap=5.0) is reference_attention
-    assert dispatch("flex") is flex_attention_backend
+    assert backend_fn() is sdpa_attention and backend_fn("auto", softcap=5.0) is reference_attention
+    assert backend_fn("flex") is flex_attention
     with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*got 'flash'"):
         resolve_backend("flash", cpu)
 
@@ -395,7 +487,7 @@ def test_argument_errors():
         (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
         (dict(backend="triton"), r"backend must be 'auto' or one of .*got 'triton'"),
     ]
-    for backend in ("reference", "sdpa", "varlen"):
+    for backend in [name for name in BACKENDS if name in TRAINABLE or name == "reference"]:  # the CPU ones
         for over, pattern in cases:
             args = dict(query=q, key=k, value=v, layout=layout, backend=backend) | over
             with pytest.raises(ValueError, match=pattern):
@@ -437,7 +529,7 @@ def fake_cuda_torch_varlen(monkeypatch):
     """Route varlen_attention to a fake torch varlen_attn on CPU, with the real availability checks
     evaluated as if on CUDA (flash-attn absent)."""
     monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
-    monkeypatch.setattr(varlen, "flash_attn_func", lambda: (None, "flash-attn not importable (test)"))
+    monkeypatch.setattr(varlen, "flash_varlen_kernel", lambda: (None, "flash-attn not importable (test)"))
     real = varlen.unavailable_reason
     monkeypatch.setattr(varlen, "unavailable_reason", lambda device, *a: real(torch.device("cuda"), *a))
 
@@ -468,7 +560,7 @@ def test_torch_varlen_signatures(fake, option, fake_cuda_torch_varlen):
 def test_auto_on_cuda_respects_kernel_limits(fresh_log, monkeypatch):
     """resolve_backend for a CUDA device (no CUDA needed: only the decision is exercised)."""
     monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
-    monkeypatch.setattr(varlen, "flash_attn_func", lambda: (None, "flash-attn not importable (test)"))
+    monkeypatch.setattr(varlen, "flash_varlen_kernel", lambda: (None, "flash-attn not importable (test)"))
     monkeypatch.setattr(varlen, "torch_varlen_func", lambda: (torch_2_11_varlen, "torch"))
     cuda = torch.device("cuda")
     bf16 = torch.bfloat16
@@ -480,7 +572,7 @@ def test_auto_on_cuda_respects_kernel_limits(fresh_log, monkeypatch):
     monkeypatch.setattr(varlen, "torch_varlen_func", lambda: (torch_2_10_varlen, "torch"))
     assert resolve_backend("auto", cuda, dtype=bf16) == "varlen"
     assert resolve_backend("auto", cuda, dtype=bf16, sliding_window=4) == "flex"  # 2.10: no window_size
-    monkeypatch.setattr(varlen, "flash_attn_func", lambda: (flash_standin.flash_attn_varlen_func, "flash_attn"))
+    monkeypatch.setattr(varlen, "flash_varlen_kernel", lambda: (flash_standin.flash_attn_varlen_func, "flash_attn"))
     assert resolve_backend("auto", cuda, dtype=bf16, softcap=30.0, sliding_window=4) == "varlen"
     assert resolve_backend("auto", cuda, dtype=torch.float32) == "flex"
 
@@ -502,3 +594,109 @@ def test_property_random_layouts_match_reference(ids, mode, window, gqa, standin
         out, grads = run(fn, q, k, v, layout, dout, sliding_window=window)
         for a, b in zip((out, *grads), (expected[0], *expected[1])):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ non-finite values stay in their document
+
+NAN_IDS = [0] + [1] * 9 + [2] * 12 + [3] * 7 + [-1] * 4  # anchor, three documents, padding
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", list(TRAINABLE))
+def test_nonfinite_value_reaches_only_the_queries_that_see_it(backend, bad, mode, standin):
+    """One NaN/inf in document 2's values changes exactly the queries allowed to see that key: document 1, the
+    anchor, document 3 and padding keep their clean output bit for bit (a masked value never enters the product),
+    and the other documents keep their gradients."""
+    ids = torch.tensor([NAN_IDS])
+    layout = AnchorLayout.from_doc_ids(ids, mode)
+    n = ids.shape[1]
+    q, k, v = make_qkv(1, 2, 2, n, 8, torch.float32)
+    pos = 14  # document 2's 5th token
+    v_bad = v.clone()
+    v_bad[0, 1, pos, 3] = bad
+    dout = torch.randn(1, n, 2, 8)
+    out, grads = run(TRAINABLE[backend], q, k, v, layout, dout)
+    out_bad, grads_bad = run(TRAINABLE[backend], q, k, v_bad, layout, dout)
+    sees = layout.dense_mask()[0, :, pos]  # queries allowed to see the poisoned key
+    assert sees.any() and not sees.all()
+    assert not torch.isfinite(out_bad[0, sees, 1, 3]).any()  # those that see it do get it
+    assert torch.isfinite(out_bad[0, :, 0]).all()  # head 0 never reads the poisoned head-1 value
+    iso = ids[0] != 2  # the anchor, documents 1 and 3, padding
+    if backend.startswith("reference"):  # exact: every query that may not see the key, document 2's earlier ones too
+        assert torch.equal(out_bad[0, ~sees], out[0, ~sees])
+    if mode == "full":  # one causal segment: later documents see the key (kernels: 0 * NaN reaches earlier ones)
+        return
+    assert torch.equal(out_bad[0, iso], out[0, iso])
+    iso[0] = mode != "anchor"  # the anchor's dk/dv collect document 2's (NaN) queries in anchor mode
+    for g, g_bad in zip(grads, grads_bad):
+        assert torch.equal(g_bad[0, :, iso], g[0, :, iso])
+
+
+# ----------------------------------------------------------------------- sdpa: the sliding window is banded
+
+
+@pytest.mark.parametrize("mask", MODES)
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_sdpa_window_is_banded_and_exact(monkeypatch, mask, window):
+    """The sdpa backend's sliding window never builds a segment-sized (n x n) mask, and stays exact."""
+    shapes = []
+    real = sdpa.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            shapes.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    n = 300
+    ids = torch.tensor([[0] + [1] * 120 + [2] * 150 + [3] * 29, [0] + [1] * 299])
+    layout = AnchorLayout.from_doc_ids(ids, mask)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, n, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = sdpa_attention(q, k, v, layout, sliding_window=window)
+    ref = reference_attention(q, k, v, layout, sliding_window=window)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert shapes, "the window must bite in this layout"
+    # every mask is a band of at most 2 * window rows/keys, never the 300-token segment squared
+    assert max(max(s) for s in shapes) <= 2 * window, shapes
+
+
+# ------------------------------------------------------------ varlen: the gather sums the anchor in float32
+
+
+def test_gather_rows_sums_repeated_rows_in_float32():
+    """The varlen backend's K/V gather sums the anchor's gradient (one row gathered per document) in float32."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 16).to(torch.bfloat16).requires_grad_(True)
+    index = torch.cat([torch.zeros(600, dtype=torch.long), torch.arange(1, 8)])  # row 0 = the anchor, 600 documents
+    y = gather_rows(x, index)
+    assert torch.equal(y, x.detach().index_select(0, index))
+    g = (torch.randn(y.shape) * 3).to(torch.bfloat16)
+    y.backward(g)
+    exact = torch.zeros(8, 2, 16, dtype=torch.float64).index_add_(0, index, g.double())
+    err = (x.grad.double() - exact).abs()
+    # one final bf16 rounding of the exact sum, not 600 accumulated ones
+    assert (err <= exact.abs() * 2**-8 + 1e-6).all(), err.max()
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_flex_nonfinite_value_stays_in_its_block_row_and_head():
+    """FlexAttention (CPU, forward) skips only fully masked blocks: inside a partially masked block a masked key's
+    NaN value enters P @ V with weight 0 (documented in docs/architecture.md; tests/gpu checks CUDA). It still never
+    leaves its batch row and head, and every query allowed to see it gets it."""
+    ids = torch.tensor([[0] + [1] * 20 + [2] * 30 + [3] * 13] * 2)  # FLEX_VARIANTS["anchor"] shapes: no recompile
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(2, 2, 2, FLEX_L, FLEX_L, torch.float32)
+    pos = 30  # document 2
+    v_bad = v.clone()
+    v_bad[0, 1, pos, 3] = float("nan")
+    with torch.no_grad():
+        out, out_bad = flex_attention(q, k, v, layout), flex_attention(q, k, v_bad, layout)
+    assert not torch.isfinite(out_bad[0, layout.dense_mask()[0, :, pos], 1, 3]).any()
+    assert torch.equal(out_bad[1], out[1]) and torch.equal(out_bad[0, :, 0], out[0, :, 0])
+    assert torch.equal(out_bad[0, :, 1, :3], out[0, :, 1, :3])  # other value columns of the same head

@@ -1,17 +1,14 @@
 """AnchorLayout: golden masks, varlen metadata, validation errors, and property tests of its invariants.
 
 Golden masks are hand-written literals (``1`` = may attend, ``.`` = masked; rows are queries, columns
-keys). Each is checked against :func:`dense_mask` and against every backend's *effective* mask, observed
-by probing: with zero queries every allowed key gets the same softmax weight, and one-hot values
-(``v[k] = e_k``) make output column ``k`` equal that weight, so ``out[q, k] > 0`` exactly where the
-kernel really let query ``q`` see key ``k``.
+keys), checked here against :func:`dense_mask`; tests/test_backends.py checks every backend's effective mask
+against them.
 """
 
 from __future__ import annotations
 
 from itertools import pairwise
 
-import flash_standin
 import pytest
 import torch
 from golden_masks import GOLDEN, GOLDEN_DOC_IDS, GOLDEN_WINDOW3, golden_ids, parse
@@ -19,51 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anchorcontext import AnchorLayout, dense_mask
-from anchorcontext.attention import (
-    flex_attention_backend,
-    reference_attention,
-    sdpa_attention,
-    varlen,
-    varlen_attention,
-)
 from anchorcontext.layout import validate_doc_ids
 
 MODES = ("anchor", "intra_doc", "full")
-FLEX_L = 64  # the one sequence length every CPU flex test uses (each new length recompiles, ~6 s)
-
-
-@pytest.fixture
-def standin(monkeypatch):
-    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", flash_standin.flash_attn_varlen_func)
-    flash_standin.CALLS.clear()
-    return flash_standin
-
-
-def effective_mask(fn, layout: AnchorLayout, *, heads=(2, 1), dtype=torch.float32, **kw) -> torch.Tensor:
-    """``(B, L, L)`` bool: where ``fn`` really lets queries see keys (zero queries, one-hot values).
-
-    Also asserts the weights are uniform over the visible keys (each equals 1 / count), so a backend
-    that gave a key a partial weight would be caught, and checks every query head (GQA included).
-    Zero queries give zero scores, so a softcap (``c * tanh(0) = 0``) leaves the probe unchanged.
-    """
-    B, L = layout.doc_ids.shape
-    H, Hkv = heads
-    q = torch.zeros(B, H, L, L, dtype=dtype)
-    k = torch.randn(B, Hkv, L, L).to(dtype)
-    v = torch.eye(L, dtype=dtype).expand(B, Hkv, L, L).contiguous()
-    with torch.no_grad():
-        out = fn(q, k, v, layout, **kw).float()  # (B, L, H, L): out[b, q, h, k] = weight of key k
-    seen = out > 0.5 / L
-    for h in range(1, H):
-        assert torch.equal(seen[:, :, h], seen[:, :, 0]), f"head {h} sees a different mask than head 0"
-    count = seen[:, :, 0].sum(-1, keepdim=True).clamp(min=1)
-    atol = 1e-5 if dtype == torch.float32 else 4e-3  # 1/count rounded to bf16
-    torch.testing.assert_close(out[:, :, 0], seen[:, :, 0] / count, atol=atol, rtol=0)
-    return seen[:, :, 0]
-
-
-def reference32(q, k, v, layout, **kw):
-    return reference_attention(q, k, v, layout, compute_dtype=torch.float32, **kw)
 
 
 # --------------------------------------------------------------------------------------------- golden
@@ -88,47 +43,6 @@ def test_golden_literals_relations():
     assert torch.equal(anchor, intra | anchor_column)
     assert torch.equal(full, torch.ones(12, 12, dtype=torch.bool).tril())
     assert not (anchor & ~full).any()
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("backend", ["reference", "reference32", "sdpa", "varlen"])
-def test_golden_effective_mask(backend, mode, window, standin):
-    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
-    fn = {"reference": reference_attention, "reference32": reference32, "sdpa": sdpa_attention,
-          "varlen": varlen_attention}[backend]
-    layout = AnchorLayout.from_doc_ids(golden_ids(), mode)
-    for heads in [(2, 2), (4, 2)]:
-        seen = effective_mask(fn, layout, heads=heads, sliding_window=window)
-        assert torch.equal(seen[0], golden), f"{backend} {mode} window={window} heads={heads}:\n{seen[0].int()}"
-    if backend == "varlen":
-        assert standin.CALLS and all(c["causal"] for c in standin.CALLS)
-
-
-# The CPU flex variants (each compiles once, ~7 s cold; test_backends.py reuses them): mask mode, dtype,
-# (H, Hkv) and options. GQA, softcap and the window share one bf16 variant to keep compiles few.
-FLEX_VARIANTS = {
-    "anchor": ("anchor", torch.float32, (2, 2), {}),
-    "intra_doc": ("intra_doc", torch.float32, (2, 2), {}),
-    "full": ("full", torch.float32, (2, 2), {}),
-    "anchor_bf16_gqa_softcap_window3": ("anchor", torch.bfloat16, (4, 2), dict(softcap=2.0, sliding_window=3)),
-}
-
-
-@pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
-def test_golden_effective_mask_flex(variant):
-    """Compiled FlexAttention (CPU, forward). The golden row is right-padded to FLEX_L tokens, which
-    leaves its first 12 x 12 block unchanged (padding keys lie in every golden query's future)."""
-    mode, dtype, heads, kw = FLEX_VARIANTS[variant]
-    window = kw.get("sliding_window")
-    golden = parse((GOLDEN if window is None else GOLDEN_WINDOW3)[mode])
-    ids = torch.full((2, FLEX_L), -1)
-    ids[0, :12] = golden_ids()[0]
-    ids[1] = torch.tensor([0] + [1] * 20 + [2] * 30 + [3] * 13)
-    layout = AnchorLayout.from_doc_ids(ids, mode)
-    seen = effective_mask(flex_attention_backend, layout, heads=heads, dtype=dtype, **kw)
-    assert torch.equal(seen[0, :12, :12], golden)
-    assert torch.equal(seen, layout.dense_mask(window))
 
 
 # ------------------------------------------------------------------------------------ varlen metadata

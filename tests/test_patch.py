@@ -333,17 +333,26 @@ def test_peft_prompt_learning_refused_and_lora_works():
 
 
 def test_autocast_mixed_qkv_dtypes():
-    """Under autocast RoPE returns fp32 q/k beside a bf16 v; the anchor path must run in the autocast dtype."""
+    """Under autocast RoPE returns fp32 q/k beside a bf16 v; the anchor path must run in the autocast dtype. Every
+    document (not only the first, where all masks agree) is within twice the stock model's own autocast error of
+    its float32 standalone run, plus 1e-3."""
     model = make_model("llama")
-    ac.patch_model(model, backend="sdpa")
     batch = packed_batch()
+    pieces = list(doc_pieces(batch))
+    assert len({(r, doc) for r, doc, *_ in pieces}) >= 2
+    with torch.no_grad():
+        ref32 = [standalone_logits(model, batch, r, alone) for r, _, _, alone in pieces]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stock16 = [standalone_logits(model, batch, r, alone) for r, _, _, alone in pieces]
+    ac.patch_model(model, backend="sdpa")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch)
-        ref = ac.unpatch_model(model)(input_ids=batch["input_ids"][:1, :6], position_ids=batch["position_ids"][:1, :6],
-                                      attention_mask=torch.ones(1, 6, dtype=torch.long)).logits
+    ac.unpatch_model(model)
     assert torch.isfinite(out.loss)
-    # the first document (indices 1..5) with the anchor equals the stock model on [anchor] + document
-    torch.testing.assert_close(out.logits[0, :6].float(), ref[0].float(), atol=0.1, rtol=0.05)
+    for (r, doc, idx, _), x32, x16 in zip(pieces, ref32, stock16):
+        e_anchor = (out.logits[r, idx].float() - x32[1:]).abs().max().item()
+        e_stock = (x16[1:].float() - x32[1:]).abs().max().item()
+        assert e_anchor <= 2 * e_stock + 1e-3, (r, doc, e_anchor, e_stock)
 
 
 def test_auto_skips_flex_for_small_head_dim():

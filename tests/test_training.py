@@ -360,3 +360,159 @@ def test_sp_size_without_deepspeed_is_a_clear_error(tmp_path):
 
     with pytest.raises((ValueError, RuntimeError, ImportError), match="sp_size"):
         run(*_args(tmp_path, "--sp_size", "2", "--max_steps", "1"))
+
+
+# ------------------------------------------------------------------- never lose a run (issue 14, items 8-11)
+
+
+def _ns(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
+
+
+def _fake_checkpoint(run_dir: pathlib.Path, step: int, *, complete: bool = True) -> pathlib.Path:
+    ck = run_dir / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    (ck / "model.safetensors").write_bytes(b"x")
+    if complete:
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return ck
+
+
+def test_last_skips_a_torn_checkpoint_and_says_so(tmp_path, caplog):
+    from anchorcontext.training.train import _resolve_resume
+
+    run_dir = tmp_path / "run"
+    good = _fake_checkpoint(run_dir, 2)
+    _fake_checkpoint(run_dir, 4, complete=False)  # kill -9 during the save: no trainer_state.json
+    with caplog.at_level("WARNING", logger="anchorcontext"):
+        got = _resolve_resume(_ns(resume_from_checkpoint="last", output_dir=str(run_dir)))
+    assert got == str(good)
+    assert "checkpoint-4" in caplog.text and "trainer_state.json" in caplog.text
+    _fake_checkpoint(tmp_path / "torn", 3, complete=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint-3.*trainer_state.json"):
+        _resolve_resume(_ns(resume_from_checkpoint="last", output_dir=str(tmp_path / "torn")))
+
+
+def test_non_empty_output_dir_is_refused_before_training(tmp_path):
+    from anchorcontext.training import run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"output_dir .*run.* is not empty.*--resume_from_checkpoint.*--overwrite_output_dir"):
+        run(*_args(tmp_path, "--max_steps", "1"))
+    assert (out / "summary.json").read_text() == "{}"  # nothing overwritten
+
+
+def test_resume_names_the_arguments_that_differ_from_the_checkpoints_run(tmp_path):
+    from anchorcontext.training.train import check_resume_matches, record_run_args
+
+    m, d, a, t = _args(tmp_path, "--max_steps", "6", "--learning_rate", "2e-3")
+    ck = _fake_checkpoint(tmp_path / "run", 3)
+    record_run_args(ck, m, d, a, t)
+    check_resume_matches(ck, *_args(tmp_path, "--max_steps", "6", "--learning_rate", "2e-3", "--threads", "2"))
+    with pytest.raises(ValueError, match=r"checkpoint-3.*learning_rate: 0.002 in the checkpoint's run, 0.001 now; max_steps: 6 .*, 9 now"):
+        check_resume_matches(ck, *_args(tmp_path, "--max_steps", "9", "--learning_rate", "1e-3"))
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path):
+    from anchorcontext.training import run
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    m, d, a, t = parse_args([*TINY, "--output_dir", str(blocker / "run"), "--max_steps", "1"])
+    with pytest.raises(ValueError, match=r"output_dir .*file/run.* is not writable"):
+        run(m, d, a, t)
+
+
+def test_yaml_value_of_the_wrong_type_is_one_line(tmp_path, capsys):
+    from anchorcontext.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("seq_len: abc\nmax_steps: 2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*seq_len.*'abc'.*int"):
+        parse_args(["--config", str(cfg)])
+    assert main(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "seq_len" in err and "usage" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_eval_task_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="passkeyy"):
+        _args(tmp_path, "--eval_tasks", "passkeyy")
+    assert _args(tmp_path, "--eval_tasks", "passkey")[2].eval_tasks == ["passkey"]
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path, tokenizer):
+    from anchorcontext.training import build_datasets
+
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl.*line 3.*UTF-8"):
+        build_datasets(DataArguments(dataset=str(f), eval_fraction=0.0), tokenizer)
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(30)] + [""] * 7 + [json.dumps({"content": "x"})]
+    g = tmp_path / "gap.jsonl"
+    g.write_text("\n".join(lines) + "\n")  # the bad record is document 30 on line 38
+    with pytest.raises(ValueError, match=r"gap.jsonl.* line 38"):
+        build_datasets(DataArguments(dataset=str(g), eval_fraction=0.0, shuffle_documents=False), tokenizer)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    from anchorcontext.training import run
+
+    class TermAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    s = run(*_args(tmp_path, "--max_train_rows", "8", "--max_steps", "5", "--eval_before_after", "false"),
+            callbacks=[TermAt2()])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 2
+    assert (pathlib.Path(s["checkpoint"]) / "trainer_state.json").is_file()
+
+    from anchorcontext.training import cli, train
+
+    monkeypatch.setattr(train, "run", lambda *a, **k: {"interrupted": True, "signal": "SIGTERM"})
+    assert cli.main(["--quick", "--output_dir", str(tmp_path / "x")]) == 143
+    monkeypatch.setattr(train, "run", lambda *a, **k: {"interrupted": True, "signal": "SIGINT"})
+    assert cli.main(["--quick", "--output_dir", str(tmp_path / "x")]) == 130
+
+
+def test_bad_record_late_in_a_stream_saves_a_checkpoint_and_names_the_line(tmp_path):
+    from anchorcontext.training import run
+
+    recs = [json.dumps({"name": f"d{i}", "text": "word " * 60}) for i in range(400)]
+    recs[300] = json.dumps({"name": "bad", "content": "no text"})
+    f = tmp_path / "s.jsonl"
+    f.write_text("\n".join(recs) + "\n")
+    with pytest.raises(ValueError, match=r"s.jsonl.* line 301") as e:
+        run(*_args(tmp_path, "--dataset", str(f), "--streaming", "true", "--max_steps", "400",
+                   "--eval_before_after", "false", "--max_eval_rows", "0", "--eval_fraction", "0"))
+    assert "checkpoint" in str(e.value)
+    cks = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert cks and (cks[-1] / "trainer_state.json").is_file(), cks
+
+
+def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
+    from anchorcontext.cli import main
+
+    rc = main(["eval", "--model", str(tmp_path / "nonexistent"), "--tasks", "passkey", "--lengths", "128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nonexistent" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_training_holds_out_the_same_documents_as_assets_heldout_split():
+    from anchorcontext.assets import heldout_split
+    from anchorcontext.training.data import _split
+
+    docs = [{"name": f"mod{i}.py", "text": "x"} for i in range(200)]
+    for seed, fraction in ((0, 0.05), (3, 0.3)):
+        want = [d["name"] for d in heldout_split(docs, fraction, seed)[1]]
+        got = [d["name"] for d in _split(docs, DataArguments(eval_fraction=fraction), seed, heldout=True)]
+        assert got == want and 0 < len(want) < len(docs)

@@ -1,18 +1,20 @@
 """Attention backends, one signature: ``fn(query, key, value, layout, *, scaling, softcap, sliding_window,
-dropout) -> (B, L, H, D)``."""
+dropout) -> (B, L, H, D)``; the registry (:mod:`.registry`) lists them in ``backend="auto"`` order."""
 
-from .dispatch import BACKENDS, anchor_attention, dispatch, resolve_backend
-from .flex import block_mask_for, flex_attention_backend
+from .dispatch import anchor_attention, backend_fn, resolve_backend
+from .flex import block_mask_for, flex_attention
 from .reference import reference_attention
+from .registry import BACKENDS, check_backend
 from .sdpa import sdpa_attention
 from .varlen import varlen_attention
 
 __all__ = [
     "BACKENDS",
     "anchor_attention",
+    "backend_fn",
     "block_mask_for",
-    "dispatch",
-    "flex_attention_backend",
+    "check_backend",
+    "flex_attention",
     "reference_attention",
     "resolve_backend",
     "sdpa_attention",

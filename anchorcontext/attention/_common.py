@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..layout import AnchorLayout, check_mask
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention backend, declared in its own module and listed in :mod:`.registry`.
+
+    ``fn(query, key, value, layout, *, scaling, softcap, sliding_window, dropout) -> (B, L, H, D)``.
+    ``unavailable_reason(device, dtype, options)`` says why ``backend="auto"`` must not pick it here (``None``:
+    it can run); ``options`` holds ``softcap``, ``dropout``, ``sliding_window``, ``needs_grad`` and ``head_dim``.
+    ``train_reason(device)`` says why it is not a training path on ``device`` (``None``: it trains there).
+    """
+
+    name: str
+    fn: Callable
+    unavailable_reason: Callable[[torch.device, torch.dtype | None, dict], str | None]
+    train_reason: Callable[[torch.device], str | None]
+    help: str
 
 
 def as_layout(layout, mask: str | None = None) -> AnchorLayout:

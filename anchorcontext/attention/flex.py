@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ._common import check_options, check_qkv, default_scaling
+from ._common import Backend, check_options, check_qkv, default_scaling
 
 # FlexAttention ``kernel_options`` for every call (None: torch's defaults); benchmarks time variants side by side
 KERNEL_OPTIONS: dict | None = None
@@ -47,7 +47,7 @@ def block_mask_for(layout, sliding_window=None, device=None):
         layout.to(device).mask_mod(sliding_window), B, None, L, L, device=device))
 
 
-def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
+def flex_attention(query, key, value, layout, *, scaling=None, softcap=None, sliding_window=None, dropout=0.0):
     """``query (B,H,L,D)``, ``key/value (B,Hkv,L,D)`` -> ``(B,L,H,D)``."""
     _, H, Hkv, _, D = check_qkv(query, key, value, layout)
     check_options(softcap, sliding_window, dropout)
@@ -73,3 +73,31 @@ def flex_attention_backend(query, key, value, layout, *, scaling=None, softcap=N
         enable_gqa=Hkv != H, kernel_options=KERNEL_OPTIONS,
     )
     return out.transpose(1, 2)
+
+
+def _unavailable_reason(device: torch.device, dtype, options: dict) -> str | None:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except Exception as e:
+        return f"FlexAttention unavailable ({e})"
+    if options.get("dropout"):
+        return "flex has no dropout"
+    if device.type == "cpu":
+        return "flex is off on CPU (compiled CPU FlexAttention is slower than sdpa and has no backward)"
+    if device.type != "cuda":
+        return f"flex is untested on {device.type}"
+    head_dim = options.get("head_dim")
+    if head_dim is not None and head_dim < 16:
+        return f"flex needs head_dim >= 16 (Inductor's kernel), got {head_dim}"
+    return None
+
+
+BACKEND = Backend(
+    name="flex",
+    fn=flex_attention,
+    unavailable_reason=_unavailable_reason,
+    train_reason=lambda device: {"cuda": None, "cpu": "no FlexAttention backward on CPU"}.get(
+        device.type, f"flex is untested on {device.type}"
+    ),
+    help="compiled FlexAttention with a BlockMask cached per layout: GPU; CPU forward only",
+)

@@ -23,28 +23,8 @@ Three implementations of the same computation:
   ``cat``), never from slicing a large leaf per piece, which would build a full-size zero gradient per
   piece.
 
-What follows is about the stock CPU path (why the compiled kernel exists).
-
-Why not finer pieces on CPU: the CPU flash kernel skips causal work only in 512-key blocks, so a
-document of ``n <= 512`` tokens costs a full ``n x n`` square. Splitting documents into query chunks
-(a causal diagonal plus an unmasked prefix rectangle, merged by log-sum-exp) was measured on the 2-core
-Xeon (torch 2.13, fp32, 1 thread): the kernel time saved on 600-2000-token documents is lost again in
-merges and smaller, less efficient kernel calls, and for larger documents the chunked kernels are
-slower than one square call. See ``benchmarks/attention.py`` for the measured fraction of the
-FLOP-ratio limit.
-
-Tried again in session 2 (commits b6f9d8c, 2ce2685, then reverted): (1) no copies at all -- the
-kernel ran on strided views of the caller's Q/K/V with the anchor's K/V row written into row ``s - 1``
-for the document's calls and restored bit-exactly afterwards; (2) the chunked LSE merge restricted to
-the 320-700-token documents where it measured 1.0-1.24x per document. Interleaved with this
-implementation on the same rows (8K, five layouts, q/k/v in (B, L, H, D) memory) both gave the same
-wall time within the run-to-run noise (-5%..+5%), so the simpler code stayed. What limits this path is
-the kernel itself: per useful (query, key) pair, a square causal call costs ~1.4x (1K tokens) to ~1.2x
-(2K) the full 8K causal call, and ~2x at 256-512 tokens, while an unmasked rectangle costs ~0.85x.
-A third variant (commit 8571531, reverted: one contiguous private copy of Q/K/V instead of per-document
-``cat``, the anchor row written into the copy, chunks for 320-700-token documents) measured +3.5 points of
-the FLOP-ratio limit in one interleaved A/B over five 8K layouts and -2.1 (8K) / -0.4 (16K) in the next:
-no gain beyond this VM's noise, so it was reverted too.
+Why the compiled kernel exists, and the stock-path variants measured and rejected: docs/architecture.md
+("Measured and rejected") and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -53,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernel
-from ._common import check_options, check_qkv, default_scaling
+from ._common import Backend, check_options, check_qkv, default_scaling
 
 
 def _band_mask(nq: int, nk: int, q0: int, window: int, device) -> torch.Tensor:
@@ -247,3 +227,15 @@ def _blockwise_sdpa(query, key, value, layout, *, scale, window, dropout):
             row_out.append(o)
         outs.append(torch.cat(row_out, dim=1) if len(row_out) > 1 else row_out[0])
     return torch.stack(outs).transpose(1, 2)
+
+
+BACKEND = Backend(
+    name="sdpa",
+    fn=sdpa_attention,
+    unavailable_reason=lambda device, dtype, options: (
+        None if options.get("softcap") is None
+        else "sdpa cannot apply softcap; using the dense reference backend (O(L^2) memory)"
+    ),
+    train_reason=lambda device: None,
+    help="per-document causal SDPA (compiled CPU kernel on CPU): trains on CPU and GPU, O(L) memory, no softcap",
+)

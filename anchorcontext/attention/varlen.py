@@ -18,7 +18,7 @@ import math
 import torch
 
 from . import varlen_merge
-from ._common import check_options, check_qkv, default_scaling
+from ._common import Backend, check_options, check_qkv, default_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def _import_flash_attn():
     return flash_attn_varlen_func, "flash_attn"
 
 
-def flash_attn_func():
-    """flash-attn's ``flash_attn_varlen_func`` or ``None`` (with the reason) when not importable."""
+def flash_varlen_kernel():
+    """``(kernel, source)``: flash-attn's ``flash_attn_varlen_func`` (or the test override), else ``(None, reason)``."""
     if _KERNEL_OVERRIDE is not None:
         return _KERNEL_OVERRIDE, "override"
     return _import_flash_attn()
@@ -67,7 +67,7 @@ def unavailable_reason(device: torch.device, softcap=None, dropout=0.0, sliding_
     both kernels take float16/bfloat16 only (the test override takes any)."""
     if _KERNEL_OVERRIDE is not None:
         return None
-    fn, why = flash_attn_func()
+    fn, why = flash_varlen_kernel()
     if device.type != "cuda":
         return f"varlen needs CUDA tensors ({why}; device is {device.type})"
     if dtype is not None and dtype not in HALF_DTYPES:
@@ -162,7 +162,7 @@ def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, s
     if layout.kv_index is not None:
         k = gather_rows(k, layout.kv_index)
         v = gather_rows(v, layout.kv_index)
-    fa, _ = flash_attn_func()
+    fa, _ = flash_varlen_kernel()
     if fa is not None:
         out = fa(
             q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
@@ -177,3 +177,14 @@ def varlen_attention(query, key, value, layout, *, scaling=None, softcap=None, s
             scale=scale, window=window, H=H, Hkv=Hkv,
         )
     return out.reshape(B, L, H, D)
+
+
+BACKEND = Backend(
+    name="varlen",
+    fn=varlen_attention,
+    unavailable_reason=lambda device, dtype, options: unavailable_reason(
+        device, options.get("softcap"), options.get("dropout", 0.0), options.get("sliding_window"), dtype
+    ),
+    train_reason=lambda device: "needs CUDA" if device.type != "cuda" else unavailable_reason(device),
+    help="flash-attn or torch varlen_attn on gathered [anchor] + document K/V: CUDA, float16/bfloat16",
+)

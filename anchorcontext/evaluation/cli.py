@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     results = list(previous)
     for name, path in models:
         t0 = time.perf_counter()
-        model, tok, source = _load(path, args.dtype, args.device)
+        try:
+            model, tok, source = _load(path, args.dtype, args.device)
+        except (ValueError, OSError) as exc:
+            print(f"anchorcontext eval: error: {exc}", file=sys.stderr)
+            return 2
         load_s = time.perf_counter() - t0
         try:
             res = evaluate(

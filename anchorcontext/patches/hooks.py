@@ -223,10 +223,9 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
     format runs as intra-document attention (``hf_packing="intra_doc"``) or is refused (``"refuse"``).
     Idempotent (a second call only updates ``backend`` and ``hf_packing``); undo with :func:`unpatch_model`.
     """
-    from ..attention.dispatch import BACKENDS
+    from ..attention.registry import check_backend
 
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    check_backend(backend)
     if hf_packing not in HF_PACKING:
         raise ValueError(f"hf_packing must be one of {HF_PACKING}, got {hf_packing!r}")
     register()

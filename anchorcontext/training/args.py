@@ -20,8 +20,9 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..layout import MASKS
-from ..packing import POSITIONS
+from ..attention.registry import backend_choices, backend_help, check_backend
+from ..layout import check_mask
+from ..packing import check_positions
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Which rope types transformers knows (`rope_scaling={"rope_type": ...}`); "default" = plain RoPE.
@@ -181,7 +182,7 @@ class AnchorArguments:
 
     mask: str = field(default="anchor", metadata={"help": "anchor | intra_doc | full"})
     positions: str = field(default="continuous", metadata={"help": "continuous | reset"})
-    attn_backend: str = field(default="auto", metadata={"help": "auto | sdpa | flex | varlen | reference"})
+    attn_backend: str = field(default="auto", metadata={"help": backend_help(), "choices": backend_choices()})
     sp_size: int = field(default=1, metadata={"help": "sequence-parallel group size (Ulysses); 1 = off"})
     tokens_per_step: int | None = field(default=None, metadata={"help": "derive gradient accumulation from it"})
     eval_before_after: bool = field(default=True, metadata={"help": "held-out loss + RULER-style eval before/after"})
@@ -190,25 +191,30 @@ class AnchorArguments:
     eval_samples: int = field(default=2, metadata={"help": "samples per task and length"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots (matplotlib)"})
     dry_run: bool = field(default=False, metadata={"help": "build the model on the meta device, print, and stop"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into an output_dir that already holds files (else refused)"}
+    )
     threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads (CPU); default torch's, or 1 when the CPU is already busy"}
     )
 
     def __post_init__(self):
-        if self.mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        from ..attention.dispatch import BACKENDS
-
-        if self.attn_backend != "auto" and self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be 'auto' or one of {sorted(BACKENDS)}, got {self.attn_backend!r}")
+        check_mask(self.mask)
+        check_positions(self.positions)
+        check_backend(self.attn_backend, "attn_backend")
         _positive_int("sp_size", self.sp_size)
         _positive_int("tokens_per_step", self.tokens_per_step, allow_none=True)
         _positive_int("eval_samples", self.eval_samples)
         _positive_int("threads", self.threads, allow_none=True)
         if self.eval_tasks is not None and [t.lower() for t in self.eval_tasks] in ([], ["none"]):
             self.eval_tasks = None  # `--eval_tasks none` turns the RULER-style evaluation off
+        if self.eval_tasks is not None:
+            from ..evaluation.ruler import parse_tasks
+
+            try:
+                parse_tasks(list(self.eval_tasks))  # refused now, not after training
+            except ValueError as e:
+                raise ValueError(f"eval_tasks: {e}") from None
         for n in self.eval_lengths or ():
             _positive_int("eval_lengths", n, minimum=2)
 
@@ -262,6 +268,33 @@ def check_keys(data: dict, *, source: str = "config") -> None:
             raise ValueError(f"unknown config key {key!r} in {source}{hint} (see docs/training.md for the options)")
 
 
+def check_types(parser, data: dict, *, source: str) -> None:
+    """Convert each string value as the command line would; a bad one is one ``ValueError`` line (file, key, value, type).
+
+    argparse applies a field's type to string defaults only when it parses, and reports a failure as a usage error
+    blaming the command line; checking here names the file and the key instead.
+    """
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in data.items():
+        action = actions.get(key)
+        if action is None or value is None:
+            continue
+        conv = action.type
+        values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+        for v in values:
+            expected = getattr(conv, "__name__", str(conv))
+            if isinstance(v, str) and callable(conv):
+                try:
+                    v = conv(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{source}: {key}: {v!r} is not a valid {expected}") from None
+            elif conv in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                          or (conv is int and isinstance(v, float) and not v.is_integer())):
+                raise ValueError(f"{source}: {key}: {v!r} is not a valid {expected}")
+            if action.choices is not None and v not in action.choices:
+                raise ValueError(f"{source}: {key}: {v!r} is not one of {list(action.choices)}")
+
+
 def parse_args(argv: list[str] | None = None, *, defaults: dict | str | None = "auto"):
     """``(model_args, data_args, anchor_args, training_args)`` from ``defaults`` < ``--config FILE`` < flags.
 
@@ -272,7 +305,7 @@ def parse_args(argv: list[str] | None = None, *, defaults: dict | str | None = "
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if defaults == "auto":
-        from .cli import split_preset
+        from .presets import split_preset
 
         defaults, argv = split_preset(argv)
     elif isinstance(defaults, str):
@@ -292,13 +325,16 @@ def parse_args(argv: list[str] | None = None, *, defaults: dict | str | None = "
         else:
             rest.append(a)
     merged: dict = {}
+    parser = _parser()
     if defaults:
         check_keys(defaults, source="preset")
+        check_types(parser, defaults, source="preset")
         merged.update(defaults)
     if config_path is not None:
-        merged.update(load_config(config_path))
+        config = load_config(config_path)
+        check_types(parser, config, source=f"config file {config_path!r}")
+        merged.update(config)
     merged.setdefault("output_dir", "runs/train")
-    parser = _parser()
     parser.set_defaults(**merged)
     try:
         ns, remaining = parser.parse_known_args(rest)

@@ -5,13 +5,16 @@
 * ``--config FILE``: a YAML file of options (no preset underneath);
 * any ``--option value`` overrides the preset/file (``--max_steps 20``, ``--mask intra_doc``, ...).
 
-Returns 0 on success, 1 on a clear configuration/data error (printed without a traceback), 130 after Ctrl-C.
+Returns 0 on success, 1 on a clear configuration/data error (printed without a traceback), 130 after Ctrl-C and
+143 after SIGTERM (both once the resumable checkpoint is saved).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from .presets import split_preset  # noqa: F401  (re-exported: its home is presets.py)
 
 USAGE = """usage: anchorcontext train [--quick] [--config FILE] [--OPTION VALUE ...]
 
@@ -27,18 +30,6 @@ examples:
   anchorcontext train --quick --output_dir runs/q --resume_from_checkpoint last
 
 see docs/training.md"""
-
-
-def split_preset(argv: list[str]) -> tuple[dict | None, list[str]]:
-    """``(preset mapping or None, remaining argv)``: ``--quick`` -> QUICK; no ``--config`` -> DEMO."""
-    from .presets import DEMO, QUICK
-
-    rest = [a for a in argv if a != "--quick"]
-    if len(rest) != len(argv):
-        return dict(QUICK), rest
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        return None, rest
-    return dict(DEMO), rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         margs, dargs, aargs, targs = parse_args(argv)
-        run(margs, dargs, aargs, targs)
+        summary = run(margs, dargs, aargs, targs)
     except (ValueError, FileNotFoundError) as e:
         print(f"anchorcontext train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("anchorcontext train: aborted", file=sys.stderr)
         return 130
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        return 143 if summary.get("signal") == "SIGTERM" else 130  # 128 + the signal, as a shell reports it
     return 0
 
 

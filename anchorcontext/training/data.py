@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..assets import _cache_root, is_heldout
 from ..packing import DocumentPacker, PackStats, anchor_and_pad_ids, int_array
 from .args import DataArguments
 
@@ -62,11 +63,6 @@ class TrainData:
 
 
 # ------------------------------------------------------------------------------------------- sources
-
-
-def _cache_root() -> pathlib.Path:
-    env = os.environ.get("ANCHORCONTEXT_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "anchorcontext"
 
 
 def python_doc_documents(root: str | None = None) -> list[dict]:
@@ -103,14 +99,35 @@ def sotu_documents(root: str | None = None) -> list[dict]:
     return docs
 
 
+class Record(dict):
+    """A record read from a data file, with ``where`` (``"data file 'x.jsonl' line 38"``) for error messages."""
+
+    where: str = ""
+
+
+def _record(rec: dict, where: str) -> Record:
+    r = Record(rec)
+    r.where = where
+    return r
+
+
 def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Records of a ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.jsonl`` file, with line numbers in errors."""
+    """Records of a ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.jsonl`` file, with line numbers in errors.
+
+    Each record carries its file and line (:class:`Record`), so a bad record found later (a missing text field,
+    also while streaming) is reported where it is, not by its position among the documents.
+    """
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
     if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"data file {str(p)!r} line {n} is not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                                     f"column {e.start + 1}); re-encode the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -119,12 +136,14 @@ def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
                     raise ValueError(f"data file {str(p)!r} line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
                 if not isinstance(rec, dict):
                     raise ValueError(f"data file {str(p)!r} line {n} must be a JSON object, got {type(rec).__name__}")
-                yield rec
+                yield _record(rec, f"data file {str(p)!r} line {n}")
         return
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"data file {str(p)!r} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {str(p)!r} is not valid UTF-8 (byte offset {e.start}); re-encode it as UTF-8") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -132,7 +151,7 @@ def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
     for n, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise ValueError(f"data file {str(p)!r} record {n} must be a JSON object, got {type(rec).__name__}")
-        yield rec
+        yield _record(rec, f"data file {str(p)!r} record {n}")
 
 
 def _looks_like_path(s: str) -> bool:
@@ -187,14 +206,6 @@ def open_documents(args: DataArguments) -> tuple[Callable[[], Iterable[dict]], s
 # ------------------------------------------------------------------------------------------- split
 
 
-def is_heldout(key: str, fraction: float, seed: int) -> bool:
-    """Stable hash split: ``sha256(f"{seed}:{key}")`` mapped to [0, 1) below ``fraction``."""
-    if fraction <= 0:
-        return False
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
-    return u < fraction
-
-
 def _split(records: Iterable[dict], args: DataArguments, seed: int, heldout: bool) -> Iterator[dict]:
     for i, rec in enumerate(records):
         if args.max_documents is not None and i >= args.max_documents:
@@ -210,12 +221,13 @@ def _split(records: Iterable[dict], args: DataArguments, seed: int, heldout: boo
 def _check_record(rec: dict, args: DataArguments, n: int) -> str:
     if args.tokens_field in rec:
         return "tokens"
+    where = getattr(rec, "where", "") or f"document {n}"
     if args.text_field in rec:
         if not isinstance(rec[args.text_field], str):
-            raise ValueError(f"document {n}: field {args.text_field!r} must be a string, got {type(rec[args.text_field]).__name__}")
+            raise ValueError(f"{where}: field {args.text_field!r} must be a string, got {type(rec[args.text_field]).__name__}")
         return "text"
     raise ValueError(
-        f"document {n} has no text field {args.text_field!r} (nor token field {args.tokens_field!r}); "
+        f"{where} has no text field {args.text_field!r} (nor token field {args.tokens_field!r}); "
         f"its fields are {sorted(rec)}. Set --text_field to the field holding the text"
     )
 

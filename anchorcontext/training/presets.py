@@ -73,3 +73,13 @@ QUICK: dict = {
 }
 
 PRESETS = {"demo": DEMO, "quick": QUICK}
+
+
+def split_preset(argv: list[str]) -> tuple[dict | None, list[str]]:
+    """``(preset mapping or None, remaining argv)``: ``--quick`` -> QUICK; no ``--config`` -> DEMO."""
+    rest = [a for a in argv if a != "--quick"]
+    if len(rest) != len(argv):
+        return dict(QUICK), rest
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return None, rest
+    return dict(DEMO), rest

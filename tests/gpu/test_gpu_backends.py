@@ -15,7 +15,7 @@ import torch
 from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import (
     block_mask_for,
-    flex_attention_backend,
+    flex_attention,
     reference_attention,
     resolve_backend,
     sdpa_attention,
@@ -99,7 +99,7 @@ def varlen_kernel() -> str:
     why = varlen.unavailable_reason(torch.device(DEV), dtype=torch.bfloat16)
     if why is not None:
         pytest.skip(f"no varlen kernel: {why}")
-    return varlen.flash_attn_func()[1] if varlen.flash_attn_func()[0] is not None else "torch"
+    return varlen.flash_varlen_kernel()[1] if varlen.flash_varlen_kernel()[0] is not None else "torch"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -122,7 +122,7 @@ def test_flex_gpu_matches_reference(variant, case):
     mode, (H, Hkv), kw = VARIANTS[variant]
     layout = AnchorLayout.from_doc_ids(torch.tensor(CASES[case], device=DEV), mode)
     q, k, v = make_qkv(2, H, Hkv)
-    check_against_oracle(flex_attention_backend, q, k, v, layout, **kw)
+    check_against_oracle(flex_attention, q, k, v, layout, **kw)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -142,7 +142,7 @@ def test_flex_block_mask_reused_across_layers(block_mask_builds):
     q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 4))  # VARIANTS["anchor"]: no recompile
     h = q
     for _ in range(4):
-        h = flex_attention_backend(h, k, v, layout).transpose(1, 2).contiguous()
+        h = flex_attention(h, k, v, layout).transpose(1, 2).contiguous()
     h.float().square().sum().backward()
     assert built == ["anchor_mask"]
     assert block_mask_for(layout, None, DEV) is block_mask_for(layout, None, DEV)
@@ -150,7 +150,7 @@ def test_flex_block_mask_reused_across_layers(block_mask_builds):
     # a new layout at the same length builds its own mask (and does not recompile)
     other = AnchorLayout.from_doc_ids(torch.tensor(CASES["many_docs+trailing_padding"]))
     q2, k2, v2 = (t.requires_grad_(True) for t in make_qkv(2, 4, 4))
-    flex_attention_backend(q2, k2, v2, other).float().sum().backward()
+    flex_attention(q2, k2, v2, other).float().sum().backward()
     assert built == ["anchor_mask", "anchor_mask"]
 
 

@@ -70,7 +70,7 @@ class _Records(logging.Handler):
 def test_torch_varlen_runs_flash_under_the_pin():
     """torch's varlen_attn logs the kernel it runs: under the pin, flash and never cuDNN (forward and backward).
     The handler sits on torch's own logger: the ``torch`` logger does not propagate to the root (caplog)."""
-    fn, src = varlen.flash_attn_func()
+    fn, src = varlen.flash_varlen_kernel()
     if fn is not None or varlen.torch_varlen_func()[0] is None:
         pytest.skip(f"the gather path uses {src}, not torch's varlen_attn")
     print("torch varlen could pick cuDNN unpinned:", varlen_merge.torch_varlen_cudnn_possible(torch.device(DEV)))
@@ -97,12 +97,12 @@ def test_torch_varlen_runs_flash_under_the_pin():
 def test_flex_kernel_option_variants_match_reference(mode, options, monkeypatch):
     """The FlexAttention kernel_options the benchmark times are promises about the mask: they must keep the result
     (every query sees itself: rows are safe; intra_doc's kv blocks per query block are one contiguous run)."""
-    from anchorcontext.attention import flex, flex_attention_backend
+    from anchorcontext.attention import flex, flex_attention
 
     monkeypatch.setattr(flex, "KERNEL_OPTIONS", options)
     layout = AnchorLayout.from_doc_ids(torch.tensor(CASES["odd_lengths+single_doc"], device=DEV), mode)
     q, k, v = make_qkv(2, 4, 4)
-    check_against_oracle(flex_attention_backend, q, k, v, layout)
+    check_against_oracle(flex_attention, q, k, v, layout)
 
 
 def test_flex_merge_variant_matches_reference():
