@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("anchorcontext.training.cli", "Fine-tune with HF Trainer (no arguments: the embedded demo)"),
     "diagnose": ("anchorcontext.diagnostics.cli", "BF16 RoPE drift diagnostics (`diagnose rope ...`)"),
     "eval": ("anchorcontext.evaluation.cli", "RULER-style long-context evaluation and perplexity by length"),
+    "compare": ("anchorcontext.compare", "The paper's ablation: train full/intra_doc/anchor alike, evaluate all"),
     "bench": ("anchorcontext.bench", "Training-step benchmark: full vs intra_doc vs anchor"),
     "demo": ("anchorcontext.demo", "Smoke demo: pack a few documents and run a patched tiny model"),
 }
