@@ -301,17 +301,17 @@ MARKS = {"better": "+", "worse": "-", "within spread": "~", "one seed": "?", "n/
 # ----------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_suite(model, tokenizer, *, lengths: list[int], opts: CompareOptions, aargs, name: str,
+def evaluate_suite(model, tokenizer, *, lengths: list[int], opts: CompareOptions, rargs, name: str,
                    out_dir: pathlib.Path | None = None) -> dict:  # fmt: skip
     """RULER-style tasks + perplexity by length/position + RoPE drift of one model; every number, JSON-ready."""
     from .evaluation import evaluate
 
     res: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if aargs.eval_tasks:
-        r = evaluate(model, tokenizer, tasks=list(aargs.eval_tasks), lengths=lengths, samples=aargs.eval_samples,
+    if rargs.eval_tasks:
+        r = evaluate(model, tokenizer, tasks=list(rargs.eval_tasks), lengths=lengths, samples=rargs.eval_samples,
                      seed=0, out_dir=None if out_dir is None else str(out_dir), name=name, bos=opts.bos,
-                     max_new_tokens=opts.max_new_tokens, ppl_samples=opts.ppl_samples or aargs.eval_samples,
+                     max_new_tokens=opts.max_new_tokens, ppl_samples=opts.ppl_samples or rargs.eval_samples,
                      progress=opts.progress)  # fmt: skip
         res["ruler"] = {k: r[k] for k in ("tasks", "lengths", "samples", "scores", "average", "niah_depth", "timing")}
         res["ruler"]["records"] = [{k: rec.get(k) for k in ("task", "length", "depth", "score", "prediction")}
@@ -321,7 +321,7 @@ def evaluate_suite(model, tokenizer, *, lengths: list[int], opts: CompareOptions
     else:
         from .evaluation import perplexity_by_length
 
-        res["perplexity"] = perplexity_by_length(model, tokenizer, lengths, samples=opts.ppl_samples or aargs.eval_samples,
+        res["perplexity"] = perplexity_by_length(model, tokenizer, lengths, samples=opts.ppl_samples or rargs.eval_samples,
                                                  bos=opts.bos, progress=opts.progress)  # fmt: skip
     res["eval_s"] = time.perf_counter() - t0
     if opts.drift:
@@ -532,14 +532,14 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     opts = opts or CompareOptions(**block)
     argv = list(argv or [])
     base_args = parse_args(argv, defaults=train_defaults)
-    margs0, dargs0, aargs0, targs0 = base_args
+    margs0, dargs0, _aargs0, rargs0, targs0 = base_args
     precisions = opts.precisions or [next(k for k, v in PRECISIONS.items() if v == margs0.dtype)
                                      if margs0.dtype in PRECISIONS.values() else margs0.dtype]  # fmt: skip
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"precision must be among {sorted(PRECISIONS)}, got {p!r} (from the config's dtype)")
     seeds = opts.seeds or [targs0.seed]
-    lengths = list(aargs0.eval_lengths or sorted({max(2, dargs0.seq_len // 2), dargs0.seq_len, 2 * dargs0.seq_len}))
+    lengths = list(rargs0.eval_lengths or sorted({max(2, dargs0.seq_len // 2), dargs0.seq_len, 2 * dargs0.seq_len}))
     out = pathlib.Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     phases: list[dict] = []
@@ -557,9 +557,10 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
         run_argv = [*argv, "--mask", mask, "--positions", positions, "--dtype", PRECISIONS[precision], "--seed",
                     str(seed), "--output_dir", str(run_dir), "--eval_before_after", "false",
                     "--plots", str(bool(opts.plots)).lower()]  # fmt: skip
-        m, d, a, t = parse_args(run_argv, defaults=train_defaults)
+        m, d, a, r, t = parse_args(run_argv, defaults=train_defaults)
+        # anchor and run options in one block, as before RunArguments existed: earlier runs' config_hash still holds
         cfg = {"model": _jsonable(vars(m)), "data": _jsonable(vars(d)),
-               "anchor": {k: _jsonable(v) for k, v in vars(a).items() if k != "plots"},
+               "anchor": {k: _jsonable(v) for k, v in {**vars(a), **vars(r)}.items() if k != "plots"},
                "training": {k: _jsonable(v) for k, v in t.to_dict().items()
                             if k not in ("logging_dir", "output_dir")}}  # fmt: skip
         chash = _config_hash(cfg)
@@ -576,7 +577,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
         recorder = RunRecorder()
         extra = list(callbacks_for_run(name)) if callbacks_for_run else []
         t0 = time.perf_counter()
-        summary = run(m, d, a, t, callbacks=[recorder, *extra])
+        summary = run(m, d, a, r, t, callbacks=[recorder, *extra])
         wall = time.perf_counter() - t0
         phase = {"device": summary["machine"]["device"], "dtype": m.dtype, "wall_s": wall,
                  "torch_threads": summary["machine"]["torch_threads"]}  # fmt: skip
@@ -603,7 +604,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
 
     evals: dict[str, list[dict]] = {}
     run_rows: dict[str, list[dict]] = {}
-    eval_cfg = {"lengths": lengths, "tasks": aargs0.eval_tasks, "samples": aargs0.eval_samples,
+    eval_cfg = {"lengths": lengths, "tasks": rargs0.eval_tasks, "samples": rargs0.eval_samples,
                 "opts": {k: v for k, v in asdict(opts).items() if k not in ("out", "force", "progress", "plots")}}
     ehash = _config_hash(eval_cfg)
     seed_dependent_base = margs0.model_name_or_path == "tiny" or margs0.from_scratch
@@ -635,7 +636,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
             model = model.to("cuda")
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ev = evaluate_suite(model, tok, lengths=lengths, opts=opts, aargs=aargs0, name=name)
+        ev = evaluate_suite(model, tok, lengths=lengths, opts=opts, rargs=rargs0, name=name)
         phase = {"device": _device_of(model), "dtype": opts.eval_dtype, "wall_s": time.perf_counter() - t0,
                  "load_s": t_load}  # fmt: skip
         ev.update({"model": name, "row": row, "eval_hash": ehash, "phase": phase})
@@ -655,7 +656,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     result = {
         "config": {"argv": argv, "config_file": config, "training_defaults": train_defaults, "compare": asdict(opts),
                    "precisions": precisions, "seeds": seeds, "eval_lengths": lengths, "train_seq_len": dargs0.seq_len,
-                   "eval_tasks": aargs0.eval_tasks, "eval_samples": aargs0.eval_samples},
+                   "eval_tasks": rargs0.eval_tasks, "eval_samples": rargs0.eval_samples},
         "runs": runs,
         "checks": checks,
         "evals": evals,

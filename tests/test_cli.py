@@ -73,3 +73,30 @@ def test_docs_name_only_files_that_exist():
             if not (md.parent / link).is_file():
                 missing.append(f"{md.name}: {link}")
     assert not missing, missing
+
+
+@pytest.mark.parametrize("flag", ["--help-all", "--help_all"])
+def test_train_help_all_takes_both_spellings_and_explains_negations(flag, capsys):
+    assert cli.main(["train", flag]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: anchorcontext train")
+    assert "--sp_size" in text and "--mask" in text and "--max_steps" in text  # run, anchor and Trainer options
+    # HfArgumentParser's own help for --no_plots repeats --plots' help with "(default: False)": the opposite
+    assert "--no_plots, --no-plots turn off --plots (write PNG plots (matplotlib))" in text
+    assert "turn off --eval_before_after" in text
+
+
+@pytest.mark.parametrize("flag", ["--no_plots", "--no-plots"])
+def test_train_negated_flags_turn_the_option_off(flag, tmp_path):
+    from anchorcontext.training import parse_args
+
+    *_, run_args, _t = parse_args(["--quick", flag, "--no_eval_before_after"])
+    assert (run_args.plots, run_args.eval_before_after) == (False, False)
+    *_, run_args, _t = parse_args(["--quick"])
+    assert (run_args.plots, run_args.eval_before_after) == (True, True)  # the default stands without the flag
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: tiny\nplots: false\n")
+    *_, run_args, _t = parse_args(["--config", str(cfg)])
+    assert (run_args.plots, run_args.eval_before_after) == (False, True)  # the file's value stands
+    *_, run_args, _t = parse_args(["--config", str(cfg), "--plots", "true"])
+    assert run_args.plots is True

@@ -159,8 +159,8 @@ def test_compare_presets_parse(name):
 
     train, block = load_compare_config(ROOT / "configs" / name)
     opts = CompareOptions(**block)
-    m, d, a, _t = parse_args([], defaults=train)
-    assert opts.variants and a.eval_tasks and d.seq_len >= 128
+    m, d, _a, r, _t = parse_args([], defaults=train)
+    assert opts.variants and r.eval_tasks and d.seq_len >= 128
     if name == "compare_smollm2_gpu.yaml":  # the paper's RoPE-theta scaling at 16K, evaluated beyond it
         assert (m.model_name_or_path, m.dtype, m.rope_theta, d.seq_len) == ("smollm2", "bfloat16", 1e6, 16384)
-        assert max(a.eval_lengths) > d.seq_len and opts.eval_dtype == "bfloat16"
+        assert max(r.eval_lengths) > d.seq_len and opts.eval_dtype == "bfloat16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ import torch
 
 from anchorcontext import MASKS, AnchorCollator, pack_documents
 from anchorcontext.training import DEMO, QUICK, load_config, parse_args
-from anchorcontext.training.args import AnchorArguments, DataArguments, ModelArguments
+from anchorcontext.training.args import AnchorArguments, DataArguments, ModelArguments, RunArguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -48,9 +49,9 @@ def tokenizer():
 def test_tiny_end_to_end_loss_decreases_on_repeated_batch(tmp_path):
     from anchorcontext.training import run
 
-    m, d, a, t = _args(tmp_path, "--max_train_rows", "2", "--max_steps", "8", "--learning_rate", "3e-3",
+    m, d, a, r, t = _args(tmp_path, "--max_train_rows", "2", "--max_steps", "8", "--learning_rate", "3e-3",
                        "--plots", "true", "--eval_tasks", "passkey", "--eval_lengths", "128", "--eval_samples", "1")
-    s = run(m, d, a, t)
+    s = run(m, d, a, r, t)
     losses = [r["loss"] for r in s["losses"]]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     # two rows, batch 2: every step sees the same batch, so the loss must fall steadily
@@ -144,10 +145,10 @@ def test_recipe_configs_parse_and_build_on_meta(name):
     from anchorcontext.training.train import apply_tokens_per_step, build_model_on_meta
 
     theta, seq_len = RECIPES[name]
-    m, d, a, t = parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--use_cpu", "true"])
+    m, d, a, r, t = parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--use_cpu", "true"])
     assert (t.learning_rate, t.weight_decay, t.adam_beta1, t.adam_beta2, t.max_steps) == (2e-5, 0.1, 0.9, 0.95, 2000)
     assert m.rope_theta == theta and d.seq_len == seq_len and a.mask == "anchor"
-    apply_tokens_per_step(a, d, t)
+    apply_tokens_per_step(r, d, t)
     assert d.seq_len * t.per_device_train_batch_size * t.gradient_accumulation_steps == 524288  # 0.5M tokens/step
     model = build_model_on_meta(m)
     assert next(model.parameters()).device.type == "meta"
@@ -163,14 +164,14 @@ def test_demo_and_quick_yaml_equal_the_embedded_presets():
 
 
 def test_presets_and_overrides(tmp_path):
-    m, d, a, t = parse_args([])
+    m, d, a, r, t = parse_args([])
     assert (m.model_name_or_path, d.dataset, t.output_dir, t.max_steps) == ("smollm2", "stdlib", "runs/demo", 10)
-    m, d, a, t = parse_args(["--quick", "--max_steps", "3", "--mask", "intra_doc"])
+    m, d, a, r, t = parse_args(["--quick", "--max_steps", "3", "--mask", "intra_doc"])
     assert (m.model_name_or_path, t.max_steps, a.mask, t.output_dir) == ("tiny", 3, "intra_doc", "runs/quick")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_name_or_path: tiny\nmax_steps: 5\nseq_len: 256\nrope_scaling: {rope_type: linear, factor: 2.0}\n")
-    m, d, a, t = parse_args(["--config", str(cfg), "--max_steps", "7"])
-    assert (t.max_steps, d.seq_len, m.rope_scaling, a.eval_tasks) == (7, 256, {"rope_type": "linear", "factor": 2.0}, None)
+    m, d, a, r, t = parse_args(["--config", str(cfg), "--max_steps", "7"])
+    assert (t.max_steps, d.seq_len, m.rope_scaling, r.eval_tasks) == (7, 256, {"rope_type": "linear", "factor": 2.0}, None)
     m, *_ = parse_args(["--config", str(cfg), "--rope_scaling", '{"rope_type": "yarn", "factor": 4.0}'])
     assert m.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
 
@@ -295,7 +296,9 @@ def test_unknown_config_key_and_flag(tmp_path):
         (lambda: AnchorArguments(mask="diagonal"), "mask"),
         (lambda: AnchorArguments(positions="absolute"), "positions"),
         (lambda: AnchorArguments(attn_backend="xformers"), "attn_backend"),
-        (lambda: AnchorArguments(sp_size=0), "sp_size"),
+        (lambda: RunArguments(sp_size=0), "sp_size"),
+        (lambda: RunArguments(threads=0), "threads"),
+        (lambda: RunArguments(eval_tasks=["passkeyy"]), "eval_tasks"),
         (lambda: DataArguments(seq_len=1), "seq_len"),
         (lambda: DataArguments(eval_fraction=1.5), "eval_fraction"),
         (lambda: DataArguments(extra_corpora=["wikipedia"]), "extra_corpora"),
@@ -310,12 +313,30 @@ def test_bad_option_values_name_the_field(make, match):
         make()
 
 
+def test_run_options_live_apart_from_the_anchor_options():
+    from transformers import TrainingArguments
+
+    from anchorcontext.training.args import known_keys
+
+    keys = known_keys()
+    assert {k for k, v in keys.items() if v == "AnchorArguments"} == {"mask", "positions", "attn_backend"}
+    for name in ("sp_size", "tokens_per_step", "eval_before_after", "eval_tasks", "eval_lengths", "eval_samples",
+                 "plots", "dry_run", "overwrite_output_dir", "threads"):
+        assert keys[name] == "RunArguments", name
+    names = [f.name for cls in (ModelArguments, DataArguments, AnchorArguments, RunArguments, TrainingArguments)
+             for f in dataclasses.fields(cls) if f.init]
+    assert len(names) == len(set(names))  # one home per option: a YAML key maps to exactly one dataclass
+    _m, _d, a, r, _t = parse_args(["--quick", "--sp_size", "2", "--threads", "3", "--mask", "full", "--dry_run", "true"])
+    assert (a.mask, r.sp_size, r.threads, r.dry_run) == ("full", 2, 3, True)
+    assert "sp_size" not in vars(a) and "mask" not in vars(r)
+
+
 def test_tokens_per_step_must_divide(tmp_path):
     from anchorcontext.training.train import apply_tokens_per_step
 
-    _m, d, a, t = _args(tmp_path, "--tokens_per_step", "1000")
+    _m, d, _a, r, t = _args(tmp_path, "--tokens_per_step", "1000")
     with pytest.raises(ValueError, match="tokens_per_step=1000"):
-        apply_tokens_per_step(a, d, t)
+        apply_tokens_per_step(r, d, t)
 
 
 def test_missing_extra_corpus_prints_the_install_command(tmp_path, tokenizer):
@@ -409,9 +430,9 @@ def test_non_empty_output_dir_is_refused_before_training(tmp_path):
 def test_resume_names_the_arguments_that_differ_from_the_checkpoints_run(tmp_path):
     from anchorcontext.training.train import check_resume_matches, record_run_args
 
-    m, d, a, t = _args(tmp_path, "--max_steps", "6", "--learning_rate", "2e-3")
+    m, d, a, r, t = _args(tmp_path, "--max_steps", "6", "--learning_rate", "2e-3")
     ck = _fake_checkpoint(tmp_path / "run", 3)
-    record_run_args(ck, m, d, a, t)
+    record_run_args(ck, m, d, a, r, t)
     check_resume_matches(ck, *_args(tmp_path, "--max_steps", "6", "--learning_rate", "2e-3", "--threads", "2"))
     with pytest.raises(ValueError, match=r"checkpoint-3.*learning_rate: 0.002 in the checkpoint's run, 0.001 now; max_steps: 6 .*, 9 now"):
         check_resume_matches(ck, *_args(tmp_path, "--max_steps", "9", "--learning_rate", "1e-3"))
@@ -422,9 +443,9 @@ def test_unwritable_output_dir_is_refused_before_training(tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    m, d, a, t = parse_args([*TINY, "--output_dir", str(blocker / "run"), "--max_steps", "1"])
+    m, d, a, r, t = parse_args([*TINY, "--output_dir", str(blocker / "run"), "--max_steps", "1"])
     with pytest.raises(ValueError, match=r"output_dir .*file/run.* is not writable"):
-        run(m, d, a, t)
+        run(m, d, a, r, t)
 
 
 def test_yaml_value_of_the_wrong_type_is_one_line(tmp_path, capsys):
@@ -442,7 +463,7 @@ def test_yaml_value_of_the_wrong_type_is_one_line(tmp_path, capsys):
 def test_unknown_eval_task_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="passkeyy"):
         _args(tmp_path, "--eval_tasks", "passkeyy")
-    assert _args(tmp_path, "--eval_tasks", "passkey")[2].eval_tasks == ["passkey"]
+    assert _args(tmp_path, "--eval_tasks", "passkey")[3].eval_tasks == ["passkey"]
 
 
 def test_jsonl_errors_name_the_file_and_line(tmp_path, tokenizer):

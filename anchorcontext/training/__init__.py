@@ -6,7 +6,7 @@
 See docs/training.md.
 """
 
-from .args import AnchorArguments, DataArguments, ModelArguments, load_config, parse_args
+from .args import AnchorArguments, DataArguments, ModelArguments, RunArguments, load_config, parse_args
 from .cli import main
 from .presets import DEMO, PRESETS, QUICK
 
@@ -17,6 +17,7 @@ __all__ = [
     "AnchorArguments",
     "DataArguments",
     "ModelArguments",
+    "RunArguments",
     "build_datasets",
     "build_model",
     "load_config",

@@ -1,11 +1,12 @@
-"""Typed training options: ``ModelArguments`` / ``DataArguments`` / ``AnchorArguments`` + ``TrainingArguments``.
+"""Typed training options: ``ModelArguments`` / ``DataArguments`` / ``AnchorArguments`` / ``RunArguments`` +
+``TrainingArguments``.
 
-All four are parsed by one :class:`transformers.HfArgumentParser`. A YAML file (``--config FILE``) gives a flat
+All five are parsed by one :class:`transformers.HfArgumentParser`. A YAML file (``--config FILE``) gives a flat
 mapping of field names to values; command-line flags override it::
 
     anchorcontext train --config configs/demo.yaml --max_steps 20 --mask intra_doc
 
-Every key of the YAML file must be a field of one of the four dataclasses; an unknown key is a ``ValueError``
+Every key of the YAML file must be a field of one of the five dataclasses; an unknown key is a ``ValueError``
 naming the key, the file and the closest known names. Each dataclass validates its own fields in
 ``__post_init__`` (bad values raise ``ValueError`` naming the field and the value).
 """
@@ -172,17 +173,32 @@ class DataArguments:
 
 @dataclass(kw_only=True)
 class AnchorArguments:
-    """AnchorAttention options and the run's extras (evaluation, plots, parallelism).
+    """The AnchorAttention options: which mask, which position ids, which attention backend.
 
     ``mask``: ``anchor`` (the paper) | ``intra_doc`` | ``full`` — all three read the same packed rows.
-    ``positions``: ``continuous`` (the paper) | ``reset``. ``attn_backend``: ``auto`` | ``sdpa`` | ``flex`` |
-    ``varlen`` | ``reference``. ``tokens_per_step``: if set, ``gradient_accumulation_steps`` is derived from it
-    (``tokens_per_step = seq_len * per_device_train_batch_size * accumulation * data-parallel world size``).
+    ``positions``: ``continuous`` (the paper) | ``reset``. ``attn_backend``: ``auto`` or one of the backends of
+    :mod:`anchorcontext.attention.registry` (the ``--help-all`` text lists them with their help).
     """
 
     mask: str = field(default="anchor", metadata={"help": "anchor | intra_doc | full"})
     positions: str = field(default="continuous", metadata={"help": "continuous | reset"})
     attn_backend: str = field(default="auto", metadata={"help": backend_help(), "choices": backend_choices()})
+
+    def __post_init__(self):
+        check_mask(self.mask)
+        check_positions(self.positions)
+        check_backend(self.attn_backend, "attn_backend")
+
+
+@dataclass(kw_only=True)
+class RunArguments:
+    """How the run is carried out around the training: parallelism, batch size in tokens, evaluation, outputs.
+
+    ``tokens_per_step``: if set, ``gradient_accumulation_steps`` is derived from it
+    (``tokens_per_step = seq_len * per_device_train_batch_size * accumulation * data-parallel world size``).
+    ``sp_size`` > 1 turns on Ulysses sequence parallelism. ``eval_*``: the evaluation before and after training.
+    """
+
     sp_size: int = field(default=1, metadata={"help": "sequence-parallel group size (Ulysses); 1 = off"})
     tokens_per_step: int | None = field(default=None, metadata={"help": "derive gradient accumulation from it"})
     eval_before_after: bool = field(default=True, metadata={"help": "held-out loss + RULER-style eval before/after"})
@@ -199,9 +215,6 @@ class AnchorArguments:
     )
 
     def __post_init__(self):
-        check_mask(self.mask)
-        check_positions(self.positions)
-        check_backend(self.attn_backend, "attn_backend")
         _positive_int("sp_size", self.sp_size)
         _positive_int("tokens_per_step", self.tokens_per_step, allow_none=True)
         _positive_int("eval_samples", self.eval_samples)
@@ -219,13 +232,15 @@ class AnchorArguments:
             _positive_int("eval_lengths", n, minimum=2)
 
 
-DATACLASSES = (ModelArguments, DataArguments, AnchorArguments)
+DATACLASSES = (ModelArguments, DataArguments, AnchorArguments, RunArguments)
 
 
 def _parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    return HfArgumentParser((ModelArguments, DataArguments, AnchorArguments, TrainingArguments))
+    from ..argparsing import explain_negations
+
+    return explain_negations(HfArgumentParser((*DATACLASSES, TrainingArguments), prog="anchorcontext train"))
 
 
 def known_keys() -> dict[str, str]:
@@ -296,7 +311,7 @@ def check_types(parser, data: dict, *, source: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None, *, defaults: dict | str | None = "auto"):
-    """``(model_args, data_args, anchor_args, training_args)`` from ``defaults`` < ``--config FILE`` < flags.
+    """``(model_args, data_args, anchor_args, run_args, training_args)`` from ``defaults`` < ``--config FILE`` < flags.
 
     ``defaults="auto"`` picks the preset as the CLI does: ``--quick`` -> ``QUICK``; no ``--config`` -> ``DEMO``;
     with ``--config`` none. A mapping is used as given; ``None`` means the dataclass defaults. The preset and the

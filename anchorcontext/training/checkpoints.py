@@ -70,26 +70,26 @@ RESUME_MAY_DIFFER = {
 }
 
 
-def _run_args(margs, dargs, aargs, training_args) -> dict:
+def _run_args(margs, dargs, aargs, rargs, training_args) -> dict:
     out = {}
-    for part in (vars(margs), vars(dargs), vars(aargs), training_args.to_dict()):
+    for part in (vars(margs), vars(dargs), vars(aargs), vars(rargs), training_args.to_dict()):
         out.update({k: _jsonable(v) for k, v in part.items() if k not in RESUME_MAY_DIFFER})
     return out
 
 
-def record_run_args(directory, margs, dargs, aargs, training_args) -> None:
+def record_run_args(directory, margs, dargs, aargs, rargs, training_args) -> None:
     """Write the run's options into ``directory`` (each checkpoint) so a resumption can be checked against them."""
-    pathlib.Path(directory, RUN_ARGS_FILE).write_text(json.dumps(_run_args(margs, dargs, aargs, training_args), indent=1))
+    pathlib.Path(directory, RUN_ARGS_FILE).write_text(json.dumps(_run_args(margs, dargs, aargs, rargs, training_args), indent=1))
 
 
-def check_resume_matches(checkpoint, margs, dargs, aargs, training_args) -> None:
+def check_resume_matches(checkpoint, margs, dargs, aargs, rargs, training_args) -> None:
     """Refuse to resume a checkpoint written by a run with other options; the error names each difference."""
     f = pathlib.Path(checkpoint, RUN_ARGS_FILE)
     if not f.is_file():
         logger.warning("anchorcontext: %s has no %s: cannot check that it belongs to this run", checkpoint, RUN_ARGS_FILE)
         return
     then = json.loads(f.read_text())
-    now = _run_args(margs, dargs, aargs, training_args)
+    now = _run_args(margs, dargs, aargs, rargs, training_args)
     diff = [f"{k}: {then.get(k)!r} in the checkpoint's run, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
             if then.get(k) != now.get(k)]
     if diff:

@@ -22,7 +22,7 @@ USAGE = """usage: anchorcontext train [--quick] [--config FILE] [--OPTION VALUE 
   --quick            tiny random Llama + BPE tokenizer, < 2 minutes, runs/quick/
   --config FILE      YAML mapping of option names to values (configs/*.yaml); no preset underneath
   --dry_run          build the model on the meta device, print the recipe, stop
-  --help-all         list every option (model / data / anchor / transformers.TrainingArguments)
+  --help-all         list every option (model / data / anchor / run / transformers.TrainingArguments)
 
 examples:
   anchorcontext train --max_steps 20 --mask intra_doc
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if "--help-all" in argv:
+    if "--help-all" in argv or "--help_all" in argv:
         from .args import help_text
 
         print(help_text())
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import run
 
     try:
-        margs, dargs, aargs, targs = parse_args(argv)
-        summary = run(margs, dargs, aargs, targs)
+        summary = run(*parse_args(argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"anchorcontext train: error: {e}", file=sys.stderr)
         return 1

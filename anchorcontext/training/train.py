@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .args import AnchorArguments, DataArguments, ModelArguments
+from .args import AnchorArguments, DataArguments, ModelArguments, RunArguments
 from .callbacks import InterruptCallback, ThroughputCallback, _main_thread  # noqa: F401  (re-exported)
 from .checkpoints import (  # noqa: F401  (re-exported)
     RESUME_MAY_DIFFER,
@@ -64,23 +64,24 @@ def tokens_per_step(dargs: DataArguments, training_args, sp_size: int) -> int:
             * _world_dp(training_args, sp_size))
 
 
-def apply_tokens_per_step(aargs: AnchorArguments, dargs: DataArguments, training_args) -> None:
+def apply_tokens_per_step(rargs: RunArguments, dargs: DataArguments, training_args) -> None:
     """Derive ``gradient_accumulation_steps`` from ``tokens_per_step`` (when set); it must divide exactly."""
-    if aargs.tokens_per_step is None:
+    if rargs.tokens_per_step is None:
         return
-    per_micro = tokens_per_step(dargs, training_args, aargs.sp_size) // training_args.gradient_accumulation_steps
-    if aargs.tokens_per_step % per_micro:
+    per_micro = tokens_per_step(dargs, training_args, rargs.sp_size) // training_args.gradient_accumulation_steps
+    if rargs.tokens_per_step % per_micro:
         raise ValueError(
-            f"tokens_per_step={aargs.tokens_per_step} is not a multiple of seq_len x per_device_train_batch_size x "
+            f"tokens_per_step={rargs.tokens_per_step} is not a multiple of seq_len x per_device_train_batch_size x "
             f"data-parallel ranks = {dargs.seq_len} x {training_args.per_device_train_batch_size} x "
-            f"{_world_dp(training_args, aargs.sp_size)} = {per_micro}"
+            f"{_world_dp(training_args, rargs.sp_size)} = {per_micro}"
         )
-    training_args.gradient_accumulation_steps = aargs.tokens_per_step // per_micro
+    training_args.gradient_accumulation_steps = rargs.tokens_per_step // per_micro
 
 
-def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, training_args) -> dict:
+def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, rargs: RunArguments,
+            training_args) -> dict:
     """Build the model on the meta device and describe the recipe (no weights, no data, no download with model_config)."""
-    apply_tokens_per_step(aargs, dargs, training_args)
+    apply_tokens_per_step(rargs, dargs, training_args)
     model = build_model_on_meta(margs)
     n = sum(p.numel() for p in model.parameters())
     info = {
@@ -88,7 +89,7 @@ def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments,
         "parameters": n,
         "rope": rope_summary(model.config),
         "seq_len": dargs.seq_len,
-        "tokens_per_step": tokens_per_step(dargs, training_args, aargs.sp_size),
+        "tokens_per_step": tokens_per_step(dargs, training_args, rargs.sp_size),
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "max_steps": training_args.max_steps,
         "learning_rate": training_args.learning_rate,
@@ -100,20 +101,20 @@ def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments,
     return info
 
 
-def _run_eval(model, tokenizer, aargs: AnchorArguments, dargs: DataArguments, seed: int, out_dir: pathlib.Path) -> dict | None:
+def _run_eval(model, tokenizer, rargs: RunArguments, dargs: DataArguments, seed: int, out_dir: pathlib.Path) -> dict | None:
     """RULER-style evaluation (+ perplexity) from :mod:`anchorcontext.evaluation`, or None when it is not set/installed."""
-    if not aargs.eval_tasks:
+    if not rargs.eval_tasks:
         return None
     try:
         from ..evaluation import evaluate
     except ImportError as e:
         print(f"[anchorcontext] evaluation skipped: anchorcontext.evaluation is not available ({e})", file=sys.stderr)
         return {"error": f"anchorcontext.evaluation unavailable: {e}"}
-    lengths = aargs.eval_lengths or [dargs.seq_len]
+    lengths = rargs.eval_lengths or [dargs.seq_len]
     was_training = model.training
     try:
-        return evaluate(model, tokenizer, tasks=list(aargs.eval_tasks), lengths=lengths, samples=aargs.eval_samples,
-                        seed=seed, out_dir=str(out_dir), ppl_samples=aargs.eval_samples, progress=False)
+        return evaluate(model, tokenizer, tasks=list(rargs.eval_tasks), lengths=lengths, samples=rargs.eval_samples,
+                        seed=seed, out_dir=str(out_dir), ppl_samples=rargs.eval_samples, progress=False)
     except Exception as e:  # an evaluation failure must not lose a finished training run
         logger.warning("anchorcontext: evaluation failed: %s: %s", type(e).__name__, e)
         return {"error": f"{type(e).__name__}: {e}"}
@@ -121,21 +122,21 @@ def _run_eval(model, tokenizer, aargs: AnchorArguments, dargs: DataArguments, se
         model.train(was_training)
 
 
-def run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, training_args,
+def run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, rargs: RunArguments, training_args,
         *, callbacks: list | None = None) -> dict:
     """Fine-tune as configured; returns the summary dict (also written to ``<output_dir>/summary.json``).
 
-    ``callbacks``: extra ``TrainerCallback`` objects. ``anchor_args.threads`` sets torch's thread count for the
+    ``callbacks``: extra ``TrainerCallback`` objects. ``rargs.threads`` sets torch's thread count for the
     run and restores it afterwards.
     """
     threads = torch.get_num_threads()
-    want = aargs.threads or busy_machine_threads()
+    want = rargs.threads or busy_machine_threads()
     if want:
         torch.set_num_threads(want)
     try:
-        if aargs.dry_run:
-            return dry_run(margs, dargs, aargs, training_args)
-        return _run(margs, dargs, aargs, training_args, callbacks)
+        if rargs.dry_run:
+            return dry_run(margs, dargs, aargs, rargs, training_args)
+        return _run(margs, dargs, aargs, rargs, training_args, callbacks)
     finally:
         torch.set_num_threads(threads)
 
@@ -156,7 +157,7 @@ def busy_machine_threads() -> int | None:
     return None
 
 
-def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
+def _run(margs, dargs, aargs, rargs, training_args, callbacks) -> dict:
     from transformers import Trainer, set_seed
 
     from ..collator import AnchorCollator
@@ -171,14 +172,14 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
         setattr(training_args, ckpt_kw + "_kwargs", {"use_reentrant": False})
     resume = _resolve_resume(training_args)
     out = pathlib.Path(training_args.output_dir)
-    check_output_dir(out, resume, aargs.overwrite_output_dir)
+    check_output_dir(out, resume, rargs.overwrite_output_dir)
     if resume is None and any(out.glob("checkpoint-*")):
         logger.warning("anchorcontext: --overwrite_output_dir: %s holds checkpoints of an earlier run; this run starts "
                        "from scratch and writes over them", out)
-    apply_tokens_per_step(aargs, dargs, training_args)
+    apply_tokens_per_step(rargs, dargs, training_args)
     if resume is not None:
-        check_resume_matches(resume, margs, dargs, aargs, training_args)
-    record_args = RecordArgsCallback(margs, dargs, aargs, training_args)  # before sequence parallelism edits them
+        check_resume_matches(resume, margs, dargs, aargs, rargs, training_args)
+    record_args = RecordArgsCallback(margs, dargs, aargs, rargs, training_args)  # before sequence parallelism edits them
     set_seed(training_args.seed)
 
     t0 = time.perf_counter()
@@ -188,12 +189,12 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
     # one checkpoint: the weights plus Adam's two moments, in the weights' dtype or float32
     check_output_dir(out, resume, True, model_bytes=sum(p.numel() * (p.element_size() + 8) for p in model.parameters()))
     patch_model(model, backend=aargs.attn_backend)
-    if aargs.sp_size > 1:
+    if rargs.sp_size > 1:
         try:
             from ..parallel import configure_sequence_parallel
         except ImportError as e:
-            raise RuntimeError(f"sp_size={aargs.sp_size} needs anchorcontext.parallel ({e})") from None
-        training_args = configure_sequence_parallel(model=model, training_args=training_args, sp_size=aargs.sp_size)
+            raise RuntimeError(f"sp_size={rargs.sp_size} needs anchorcontext.parallel ({e})") from None
+        training_args = configure_sequence_parallel(model=model, training_args=training_args, sp_size=rargs.sp_size)
         from ..parallel import sequence_parallel_trainer_class
 
         Trainer = sequence_parallel_trainer_class(Trainer)  # token-weighted loss across DP x SP x grad accumulation
@@ -202,8 +203,8 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
     data = build_datasets(dargs, tokenizer, seed=training_args.seed)
     t_data = time.perf_counter() - t0
     collator = AnchorCollator(tokenizer=tokenizer, mask=aargs.mask, positions=aargs.positions,
-                              pad_to_multiple_of=aargs.sp_size if aargs.sp_size > 1 else None)
-    step_tokens = tokens_per_step(dargs, training_args, aargs.sp_size)
+                              pad_to_multiple_of=rargs.sp_size if rargs.sp_size > 1 else None)
+    step_tokens = tokens_per_step(dargs, training_args, rargs.sp_size)
     if data.train_rows is None and training_args.max_steps <= 0:
         raise ValueError("streaming=True needs max_steps > 0 (a stream has no length)")
     throughput = ThroughputCallback(step_tokens)
@@ -226,10 +227,10 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
 
     evals: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if aargs.eval_before_after and resume is None:
+    if rargs.eval_before_after and resume is None:
         if data.eval is not None:
             evals["heldout_before"] = trainer.evaluate(metric_key_prefix="heldout")
-        evals["eval_before"] = _run_eval(model, tokenizer, aargs, dargs, training_args.seed, out / "eval_before")
+        evals["eval_before"] = _run_eval(model, tokenizer, rargs, dargs, training_args.seed, out / "eval_before")
     t_eval_before = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -247,10 +248,10 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
     t_save = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if aargs.eval_before_after and not interrupted:
+    if rargs.eval_before_after and not interrupted:
         if data.eval is not None:
             evals["heldout_after"] = trainer.evaluate(metric_key_prefix="heldout")
-        evals["eval_after"] = _run_eval(model, tokenizer, aargs, dargs, training_args.seed, out / "eval_after")
+        evals["eval_after"] = _run_eval(model, tokenizer, rargs, dargs, training_args.seed, out / "eval_after")
     t_eval_after = time.perf_counter() - t0
 
     losses = [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"),
@@ -296,11 +297,11 @@ def _run(margs, dargs, aargs, training_args, callbacks) -> dict:
                     "device": str(training_args.device)},
         "output_dir": str(out),
         "args": {"model": _jsonable(vars(margs)), "data": _jsonable(vars(dargs)), "anchor": _jsonable(vars(aargs)),
-                 "training": {k: _jsonable(v) for k, v in training_args.to_dict().items()}},
+                 "run": _jsonable(vars(rargs)), "training": {k: _jsonable(v) for k, v in training_args.to_dict().items()}},
     }
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if aargs.plots:
+        if rargs.plots:
             summary["plots"] = write_plots(summary, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print(format_summary(summary))
