@@ -460,6 +460,13 @@ def test_yaml_value_of_the_wrong_type_is_one_line(tmp_path, capsys):
     assert "bad.yaml" in err and "seq_len" in err and "usage" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_yaml_bool_of_the_wrong_type_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model_name_or_path: tiny\nplots: maybe\n")  # plots defaults to true: it also has --no_plots
+    with pytest.raises(ValueError, match=r"bad.yaml.*plots: 'maybe' is not a valid"):
+        parse_args(["--config", str(cfg)])
+
+
 def test_unknown_eval_task_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="passkeyy"):
         _args(tmp_path, "--eval_tasks", "passkeyy")

@@ -13,6 +13,7 @@ naming the key, the file and the closest known names. Each dataclass validates i
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import os
@@ -289,7 +290,9 @@ def check_types(parser, data: dict, *, source: str) -> None:
     argparse applies a field's type to string defaults only when it parses, and reports a failure as a usage error
     blaming the command line; checking here names the file and the key instead.
     """
-    actions = {a.dest: a for a in parser._actions}
+    actions = {}
+    for a in parser._actions:
+        actions.setdefault(a.dest, a)  # `--X`, not the `--no_X` that HfArgumentParser adds after it (no type)
     for key, value in data.items():
         action = actions.get(key)
         if action is None or value is None:
@@ -301,7 +304,7 @@ def check_types(parser, data: dict, *, source: str) -> None:
             if isinstance(v, str) and callable(conv):
                 try:
                     v = conv(v)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, argparse.ArgumentTypeError):
                     raise ValueError(f"{source}: {key}: {v!r} is not a valid {expected}") from None
             elif conv in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))
                                           or (conv is int and isinstance(v, float) and not v.is_integer())):
