@@ -134,7 +134,7 @@ def _lock_limit() -> float:
 def _clear_stale_lock(build_dir: Path, poll_s: float = 1.0) -> None:
     """Wait for or remove ``build_dir/lock``. torch's ``load`` holds that file (a ``FileBaton``) while it checks or
     builds, and every other process, built or not, waits until it is gone: no timeout, no message. A build killed
-    mid-way (``timeout``, OOM) leaves it behind, and every later process hung. A lock younger than the limit is
+    mid-way (``timeout``, OOM) leaves it behind, and every later process hangs. A lock younger than the limit is
     waited for (another process is building; a warning if it lasts); an older one is removed with a warning.
     Remaining gap: a build started and killed between this check and ``load`` taking the lock."""
     lock = build_dir / "lock"
