@@ -40,6 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from .layout import MASKS
+from .training.checkpoints import _jsonable
 
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 DRIFT_OFFSETS = (0, 4, 15, 17, 50, 200)  # a subset of the paper's Δ1 (Δ2 = 16 is added as the control)
@@ -496,16 +497,6 @@ def write_plots(agg: dict, evals: dict, out: pathlib.Path) -> list[str]:
 def _device_of(model) -> str:
     p = next(model.parameters())
     return p.device.type + (f" ({torch.cuda.get_device_name(p.device)})" if p.device.type == "cuda" else "")
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
 
 
 def _config_hash(obj) -> str:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from packing_oracles import ANCHOR, PAD, corpus, expected_doc_ids, expected_labels, expected_positions
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from anchorcontext import AnchorCollator, AnchorLayout, DocumentPacker, anchor_inputs, anchor_token_id, pack_documents
+from anchorcontext.packing import doc_ids_from_lens, position_ids_from_lens
 
 X = -100  # ignored label
 
@@ -332,3 +336,38 @@ def test_plain_documents_carry_their_labels_through_packing_and_splitting():
 def test_plain_documents_that_pack_to_no_rows_are_refused():
     with pytest.raises(ValueError, match=r"the 2 documents pack into no rows \(all empty after dropping a leading anchor"):
         AnchorCollator(anchor_id=1, pad_id=0, seq_len=4)([{"input_ids": []}, {"input_ids": [1]}])
+
+
+# ----------------------------------------------------------- properties against the packing oracles
+@settings(max_examples=100, deadline=None)
+@given(corpus(), st.sampled_from(["continuous", "reset"]))
+def test_collated_labels_boundaries_positions(case, positions):
+    seq_len, docs = case
+    rows, _ = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, positions=positions)
+    if not rows:
+        return
+    for r in rows:
+        assert r["position_ids"] == expected_positions(r["doc_lens"], seq_len, positions)
+        assert doc_ids_from_lens(r["doc_lens"], seq_len).tolist() == expected_doc_ids(r["doc_lens"], seq_len)
+        assert position_ids_from_lens(r["doc_lens"], seq_len, positions).tolist() == r["position_ids"]
+    plain = [{"input_ids": r["input_ids"], "doc_lens": r["doc_lens"]} for r in rows]
+    for feats in (rows, plain):  # rows carrying position_ids, and the collator computing them
+        batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, positions=positions)(feats)
+        for b, r in enumerate(rows):
+            assert batch["input_ids"][b].tolist() == r["input_ids"]
+            assert batch["labels"][b].tolist() == expected_labels(r["input_ids"], r["doc_lens"])
+            assert batch["anchor_layout"].doc_ids[b].tolist() == expected_doc_ids(r["doc_lens"], seq_len)
+            assert batch["position_ids"][b].tolist() == expected_positions(r["doc_lens"], seq_len, positions)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpus())
+def test_collator_packs_plain_documents_like_the_packer(case):
+    seq_len, docs = case
+    want, _ = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD)
+    if not want:
+        return
+    batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, seq_len=seq_len)([{"input_ids": d} for d in docs])
+    assert batch["input_ids"].tolist() == [r["input_ids"] for r in want]
+    assert batch["labels"].tolist() == [expected_labels(r["input_ids"], r["doc_lens"]) for r in want]
+    assert torch.equal(batch["position_ids"], torch.arange(seq_len).expand(len(want), seq_len))

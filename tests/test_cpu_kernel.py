@@ -9,7 +9,10 @@ a block's keys, ragged tails), and one long row runs the default blocks over doc
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -218,6 +221,67 @@ def test_first_build_prints_one_line(monkeypatch, tmp_path, capsys):
     cpu_kernel._build()
     assert capsys.readouterr().err == ""
     assert names == [cpu_kernel.build_name()] * 2
+
+
+@pytest.fixture
+def lock_file(monkeypatch, tmp_path):
+    """A build lock in a temporary TORCH_EXTENSIONS_DIR, and a stand-in ``load`` that records whether the lock was
+    still there when it ran (torch's own ``load`` would wait on it forever)."""
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / cpu_kernel.build_name() / "lock"
+    lock.parent.mkdir()
+    lock.write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(ext, "load", lambda name, **kw: calls.append(lock.exists()) or object())
+    return lock, calls
+
+
+def test_stale_build_lock_is_removed_with_a_warning(lock_file, monkeypatch, caplog):
+    """An interrupted build leaves torch's lock file behind; every later process waited on it, silently, forever."""
+    lock, calls = lock_file
+    old = time.time() - cpu_kernel.LOCK_STALE_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="anchorcontext"):
+        cpu_kernel._build()
+    assert calls == [False] and not lock.exists()
+    [record] = caplog.records
+    assert f"removing the stale lock file {lock} (660 s old" in record.getMessage()
+
+
+def test_fresh_build_lock_is_waited_for_then_removed_once_stale(lock_file, monkeypatch, caplog):
+    lock, calls = lock_file
+    monkeypatch.setenv(cpu_kernel.LOCK_ENV, "0.5")
+    monkeypatch.setattr(cpu_kernel, "LOCK_NOTICE_S", 0.0)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="anchorcontext"):
+        cpu_kernel._build()
+    assert calls == [False] and not lock.exists()
+    assert 0.3 <= time.monotonic() - start < 5
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"anchorcontext: waiting for {lock} ") and "removed as stale at 0.5 s" in messages[0]
+    assert f"removing the stale lock file {lock} " in messages[1]
+
+
+def test_build_lock_released_by_its_builder_is_left_alone(lock_file, monkeypatch, caplog):
+    """Another process finishing its build removes the lock itself: we wait, then load, and remove nothing."""
+    lock, calls = lock_file
+    timer = threading.Timer(0.3, lock.unlink)
+    timer.start()
+    with caplog.at_level(logging.WARNING, logger="anchorcontext"):
+        cpu_kernel._build()
+    timer.join()
+    assert calls == [False] and caplog.records == []
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "inf"])
+def test_lock_limit_env_is_checked(monkeypatch, value):
+    monkeypatch.setenv(cpu_kernel.LOCK_ENV, value)
+    monkeypatch.setattr(cpu_kernel, "_state", {"tried": False, "module": None, "error": None})
+    with pytest.raises(ValueError, match=f"ANCHORCONTEXT_CPU_KERNEL_LOCK_S must be a positive number of seconds, got '{value}'"):
+        cpu_kernel.get()
 
 
 @needs_kernel

@@ -3,7 +3,8 @@
 Oracles are written independently of the packer: for ``overflow="split"`` the rows are the stream of all
 (BOS-stripped) document tokens cut into pieces of ``seq_len - 1``, and each row's ``doc_lens`` are the run
 lengths of the document tags inside its piece; for ``overflow="drop"`` the rows are characterised by
-properties (whole documents, in order, greedy). Labels, boundaries and positions come from per-token loops.
+properties (whole documents, in order, greedy). Labels, boundaries and positions come from per-token loops
+(tests/packing_oracles.py, shared with the collator's property tests in tests/test_collator.py).
 """
 
 from __future__ import annotations
@@ -16,37 +17,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packing_oracles import ANCHOR, IGNORE, PAD, VOCAB, corpus, expected_labels, stripped
 
 from anchorcontext import AnchorCollator, DocumentPacker, pack_documents
 from anchorcontext.packing import doc_ids_from_lens, position_ids_from_lens
 
-ANCHOR = 1  # the BOS of the fake vocabulary, also the row anchor
-PAD = 0
-VOCAB = 50
-IGNORE = -100
-
 datasets.disable_progress_bars()
-
-
-# ------------------------------------------------------------------------------------------ strategies
-@st.composite
-def corpus(draw, max_docs: int = 12):
-    """``(seq_len, docs)``: lengths biased to the edge cases 0, 1, seq_len-1, seq_len, > seq_len."""
-    seq_len = draw(st.integers(2, 12))
-    edge = st.sampled_from([0, 1, seq_len - 1, seq_len, seq_len + 1, 2 * seq_len + 3])
-    lens = draw(st.lists(st.one_of(edge, st.integers(0, 3 * seq_len)), min_size=1, max_size=max_docs))
-    docs = []
-    for n in lens:
-        # token values include the pad id and the BOS inside documents: nothing may be inferred from values
-        doc = draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n))
-        if n and draw(st.booleans()):
-            doc[0] = ANCHOR  # the document's own leading BOS, to be dropped
-        docs.append(doc)
-    return seq_len, docs
-
-
-def stripped(doc: list[int]) -> list[int]:
-    return doc[1:] if doc and doc[0] == ANCHOR else list(doc)
 
 
 # ------------------------------------------------------------------------------------------- oracles
@@ -60,32 +36,6 @@ def split_oracle(docs: list[list[int]], seq_len: int) -> list[tuple[list[int], l
         lens = [len(list(g)) for _, g in itertools.groupby(piece, key=lambda kt: kt[0])]
         rows.append(([t for _, t in piece], lens))
     return rows
-
-
-def expected_doc_ids(doc_lens: list[int], L: int) -> list[int]:
-    out = [0]
-    for k, n in enumerate(doc_lens):
-        out += [k + 1] * n
-    return out + [-1] * (L - len(out))
-
-
-def expected_labels(ids: list[int], doc_lens: list[int]) -> list[int]:
-    labels = [IGNORE] * len(ids)
-    i = 1
-    for k, n in enumerate(doc_lens):
-        for j in range(n):
-            labels[i] = IGNORE if (j == 0 and k > 0) else ids[i]
-            i += 1
-    return labels
-
-
-def expected_positions(doc_lens: list[int], L: int, positions: str) -> list[int]:
-    if positions == "continuous":
-        return list(range(L))
-    out = [0]
-    for n in doc_lens:
-        out += list(range(1, n + 1))
-    return out + list(range(len(out), L))  # padding keeps its row index
 
 
 def unpack(rows: list[dict], seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -130,27 +80,6 @@ def test_split_every_token_once_in_order(case):
     assert stats.split_documents == split
     assert chunks >= sum(1 for d in kept if d) + split
     assert stats.dropped_documents == stats.dropped_tokens == stats.dropped_last_rows == 0
-
-
-@settings(max_examples=100, deadline=None)
-@given(corpus(), st.sampled_from(["continuous", "reset"]))
-def test_collated_labels_boundaries_positions(case, positions):
-    seq_len, docs = case
-    rows, _ = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD, positions=positions)
-    if not rows:
-        return
-    for r in rows:
-        assert r["position_ids"] == expected_positions(r["doc_lens"], seq_len, positions)
-        assert doc_ids_from_lens(r["doc_lens"], seq_len).tolist() == expected_doc_ids(r["doc_lens"], seq_len)
-        assert position_ids_from_lens(r["doc_lens"], seq_len, positions).tolist() == r["position_ids"]
-    plain = [{"input_ids": r["input_ids"], "doc_lens": r["doc_lens"]} for r in rows]
-    for feats in (rows, plain):  # rows carrying position_ids, and the collator computing them
-        batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, positions=positions)(feats)
-        for b, r in enumerate(rows):
-            assert batch["input_ids"][b].tolist() == r["input_ids"]
-            assert batch["labels"][b].tolist() == expected_labels(r["input_ids"], r["doc_lens"])
-            assert batch["anchor_layout"].doc_ids[b].tolist() == expected_doc_ids(r["doc_lens"], seq_len)
-            assert batch["position_ids"][b].tolist() == expected_positions(r["doc_lens"], seq_len, positions)
 
 
 def test_split_continuation_chunks_literal():
@@ -395,19 +324,6 @@ def test_doc_lens_mismatching_the_row(lens, match):
 def test_bad_positions_value_for_helpers():
     with pytest.raises(ValueError, match="positions must be one of"):
         position_ids_from_lens([2], 4, "rope")
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(corpus())
-def test_collator_packs_plain_documents_like_the_packer(case):
-    seq_len, docs = case
-    want, _ = pack_documents(docs, seq_len=seq_len, anchor_id=ANCHOR, pad_id=PAD)
-    if not want:
-        return
-    batch = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD, seq_len=seq_len)([{"input_ids": d} for d in docs])
-    assert batch["input_ids"].tolist() == [r["input_ids"] for r in want]
-    assert batch["labels"].tolist() == [expected_labels(r["input_ids"], r["doc_lens"]) for r in want]
-    assert torch.equal(batch["position_ids"], torch.arange(seq_len).expand(len(want), seq_len))
 
 
 def test_packing_benchmark_smoke(tmp_path):

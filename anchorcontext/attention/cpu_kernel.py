@@ -11,7 +11,9 @@ It is JIT-compiled with ``torch.utils.cpp_extension`` on first use (one line on 
 whatever ``.so`` sits there. Float32, float64, and bfloat16/float16 storage with float32 arithmetic; machines
 where it cannot be built use the stock-kernel path (same results within floating-point error; the tests run
 both). ``ANCHORCONTEXT_CPU_KERNEL``: unset or ``auto`` = build and use it when possible (a failed build logs one
-warning and falls back), ``0`` = never, ``1`` = required (a failed build raises).
+warning and falls back), ``0`` = never, ``1`` = required (a failed build raises). A build lock left by an
+interrupted build is removed once older than ``ANCHORCONTEXT_CPU_KERNEL_LOCK_S`` seconds (default 600), with a
+warning naming it (:func:`_clear_stale_lock`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -109,6 +112,58 @@ def build_name() -> str:
     return f"anchorcontext_flash_cpu_{tag}_torch{torch_version}_py{py}_{digest}"
 
 
+LOCK_ENV = "ANCHORCONTEXT_CPU_KERNEL_LOCK_S"
+LOCK_STALE_S = 600.0  # a build takes ~40-60 s; a lock this old belongs to no running build
+LOCK_NOTICE_S = 10.0  # a load of a cached build holds the lock for milliseconds: say nothing unless it lasts
+
+
+def _lock_limit() -> float:
+    """Seconds after which a build lock is stale (``ANCHORCONTEXT_CPU_KERNEL_LOCK_S``, default 600)."""
+    value = os.environ.get(LOCK_ENV, "").strip()
+    if not value:
+        return LOCK_STALE_S
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = float("nan")
+    if not 0 < limit < float("inf"):
+        raise ValueError(f"{LOCK_ENV} must be a positive number of seconds, got {value!r}")
+    return limit
+
+
+def _clear_stale_lock(build_dir: Path, poll_s: float = 1.0) -> None:
+    """Wait for or remove ``build_dir/lock``. torch's ``load`` holds that file (a ``FileBaton``) while it checks or
+    builds, and every other process, built or not, waits until it is gone: no timeout, no message. A build killed
+    mid-way (``timeout``, OOM) leaves it behind, and every later process hangs. A lock younger than the limit is
+    waited for (another process is building; a warning if it lasts); an older one is removed with a warning.
+    Remaining gap: a build started and killed between this check and ``load`` taking the lock."""
+    lock = build_dir / "lock"
+    limit = _lock_limit()
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= limit:
+            logger.warning(
+                "anchorcontext: removing the stale lock file %s (%.0f s old, limit %s=%g s): an interrupted build "
+                "of the CPU attention kernel left it, and torch would wait on it forever",
+                lock, age, LOCK_ENV, limit,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            return
+        if not told and time.monotonic() - start >= min(LOCK_NOTICE_S, limit):
+            logger.warning(
+                "anchorcontext: waiting for %s (another process is building the CPU attention kernel); it is "
+                "removed as stale at %g s old (%s), or delete it if no build is running",
+                lock, limit, LOCK_ENV,
+            )
+            told = True
+        time.sleep(max(0.0, min(poll_s, limit - age)))
+
+
 def _built(name: str) -> bool:
     """Whether a build of ``name`` is already cached (then loading it takes a second, not ~40 s)."""
     from torch.utils.cpp_extension import _get_build_directory
@@ -117,11 +172,12 @@ def _built(name: str) -> bool:
 
 
 def _build():
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     _ensure_ninja()
     _, isa = _isa()
     name = build_name()
+    _clear_stale_lock(Path(_get_build_directory(name, verbose=False)))
     with contextlib.suppress(Exception):
         if not _built(name):
             print(BUILD_MESSAGE, file=sys.stderr, flush=True)  # library users see it too, not only the CLI
@@ -151,6 +207,7 @@ def get():
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
+                _lock_limit()  # a bad value is the user's error, not a failed build
                 try:
                     _state["module"] = _build()
                 except Exception as e:  # no compiler, no headers, ...: fall back, say why once
