@@ -331,6 +331,17 @@ def test_run_options_live_apart_from_the_anchor_options():
     assert "sp_size" not in vars(a) and "mask" not in vars(r)
 
 
+def test_quick_dry_run_works_offline(monkeypatch, capsys):
+    """The tiny model has no config to fetch: a dry run of the quick preset builds it and never asks the hub."""
+    from anchorcontext.training.train import dry_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = dry_run(*parse_args(["--quick", "--dry_run", "true"]))
+    assert info["model_type"] == "llama" and info["parameters"] > 0
+    assert info["seq_len"] == QUICK["seq_len"]
+    assert json.loads(capsys.readouterr().out)["parameters"] == info["parameters"]
+
+
 def test_tokens_per_step_must_divide(tmp_path):
     from anchorcontext.training.train import apply_tokens_per_step
 

@@ -90,14 +90,22 @@ def config_from_block(block: dict):
 
 
 def build_model_on_meta(margs: ModelArguments):
-    """The model described by ``margs`` (architecture block + RoPE overrides) on the meta device: no memory, no download."""
+    """The model described by ``margs`` (architecture block + RoPE overrides) on the meta device.
+
+    With ``model_config`` nothing is loaded. The offline models (``tiny``, the embedded ``smollm2``) have no config
+    to read on their own, so they are built once the way training builds them and their config is used.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    name = margs.model_name_or_path
     if margs.model_config is not None:
         config = config_from_block(margs.model_config)
+        apply_rope_overrides(config, margs)
+    elif name in ("tiny", "smollm2") or name.startswith("HuggingFaceTB/SmolLM2-135M"):
+        config = build_model(margs)[0].config  # the RoPE overrides are applied there
     else:
-        config = AutoConfig.from_pretrained(margs.model_name_or_path)
-    apply_rope_overrides(config, margs)
+        config = AutoConfig.from_pretrained(name)
+        apply_rope_overrides(config, margs)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
