@@ -442,11 +442,7 @@ def write_plots(agg: dict, evals: dict, out: pathlib.Path) -> list[str]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(ylabel)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(out / fname, dpi=120)
-            plt.close(fig)
-            paths.append(str(out / fname))
+            paths.append(_save(plt, fig, ax, out / fname))
     s = series("ppl")
     if any(s.values()):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -468,11 +464,7 @@ def write_plots(agg: dict, evals: dict, out: pathlib.Path) -> list[str]:
         a2.set_xscale("log", base=2)
         a2.set_xlabel("token position (log2 bin end)")
         a2.set_ylabel("mean NLL (nats)")
-        a1.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "perplexity.png", dpi=120)
-        plt.close(fig)
-        paths.append(str(out / "perplexity.png"))
+        paths.append(_save(plt, fig, a1, out / "perplexity.png"))
     drift_keys = [k for k in next(iter(agg.values()), {}) if k.startswith("drift_")]
     if drift_keys:
         fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -483,12 +475,17 @@ def write_plots(agg: dict, evals: dict, out: pathlib.Path) -> list[str]:
                    yerr=[agg[r][k]["sd"] or 0.0 for r in names], capsize=3, label=k.removeprefix("drift_"))  # fmt: skip
         ax.set_xticks([j + width * (len(drift_keys) - 1) / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
         ax.set_ylabel("mean shift deviation D (Eq. 4)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "drift.png", dpi=120)
-        plt.close(fig)
-        paths.append(str(out / "drift.png"))
+        paths.append(_save(plt, fig, ax, out / "drift.png"))
     return paths
+
+
+def _save(plt, fig, legend_ax, path) -> str:
+    """Legend, layout, PNG at 120 dpi, figure closed; the path as a string."""
+    legend_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ run
