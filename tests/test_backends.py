@@ -157,9 +157,17 @@ def _runs_on_cpu(backend) -> bool:
 # Backends checked forward and backward on CPU, from the registry: the reference in float32 (its float64 self is the
 # oracle), and sdpa also on its stock path; the rest run forward-only (flex: no CPU backward).
 TRAINABLE = {b.name: b.fn for b in registry.REGISTRY if _runs_on_cpu(b)}
-TRAINABLE["reference32"] = TRAINABLE.pop("reference")
+TRAINABLE.pop("reference")
+TRAINABLE["reference32"] = reference32  # the float64 reference is the oracle: test its float32 self
 TRAINABLE["sdpa_stock"] = sdpa_stock
 FORWARD_ONLY = {b.name: b.fn for b in registry.REGISTRY if not _runs_on_cpu(b)}
+
+
+def test_every_backend_is_tested_on_cpu_as_expected():
+    """A backend whose ``unavailable_reason`` wrongly turned it off on CPU would drop out of the gradient tests."""
+    assert set(TRAINABLE) == {"varlen", "sdpa", "reference32", "sdpa_stock"}
+    assert set(FORWARD_ONLY) == {"flex"}
+    assert set(TRAINABLE) - {"reference32", "sdpa_stock"} | set(FORWARD_ONLY) | {"reference"} == set(BACKENDS)
 
 
 # ----------------------------------------------------------------------------- forward + gradients
@@ -487,7 +495,7 @@ def test_argument_errors():
         (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
         (dict(backend="triton"), r"backend must be 'auto' or one of .*got 'triton'"),
     ]
-    for backend in [name for name in BACKENDS if name in TRAINABLE or name == "reference"]:  # the CPU ones
+    for backend in [name for name in BACKENDS if name not in FORWARD_ONLY]:  # the CPU ones
         for over, pattern in cases:
             args = dict(query=q, key=k, value=v, layout=layout, backend=backend) | over
             with pytest.raises(ValueError, match=pattern):
