@@ -93,10 +93,13 @@ def _check_padding(i: int, row: np.ndarray, doc_lens, attention_mask, pad_id: in
     real = np.nonzero(~pad)[0]
     if real.size:
         p = end + int(real[0])
+        tail = row[end:]
+        hint = (f"; the row is padded with {int(tail[0])}: give AnchorCollator the packer's pad_id (or an "
+                "attention_mask)" if (tail == tail[0]).all() else "")
         raise ValueError(
-            f"feature {i}: doc_lens {list(doc_lens)} sum to {end - 1} but the row has {int((row[1:] != pad_id).sum())} "
-            f"non-pad tokens after the anchor (length {row.size}); token {int(row[p])} at position {p} is not padding "
-            f"(pad_id={pad_id}); doc_lens must cover every token up to the padding"
+            f"feature {i}: doc_lens {list(doc_lens)} sum to {end - 1} but the row (length {row.size}) goes on after "
+            f"them: token {int(row[p])} at position {p} is not padding (pad_id={pad_id}); doc_lens must cover every "
+            f"token up to the padding{hint}"
         )
 
 

@@ -296,9 +296,14 @@ def test_attention_mask_must_agree_with_doc_lens():
 
 
 def test_doc_lens_must_cover_every_non_pad_token():
-    with pytest.raises(ValueError, match=r"feature 0: doc_lens \[2\] sum to 2 but the row has 5 non-pad tokens after "
-                                         r"the anchor \(length 6\); token 7 at position 3 is not padding"):
+    with pytest.raises(ValueError, match=r"feature 0: doc_lens \[2\] sum to 2 but the row \(length 6\) goes on after "
+                                         r"them: token 7 at position 3 is not padding \(pad_id=0\); doc_lens must "
+                                         r"cover every token up to the padding$"):
         AnchorCollator(anchor_id=1, pad_id=0)([{"input_ids": [1, 5, 6, 7, 8, 9], "doc_lens": [2]}])
+    # rows padded by a packer with another pad id: refused, and the message says how to fix it
+    with pytest.raises(ValueError, match=r"token 0 at position 3 is not padding \(pad_id=2\).*padded with 0: give "
+                                         r"AnchorCollator the packer's pad_id"):
+        AnchorCollator(anchor_id=1, pad_id=2)([{"input_ids": [1, 5, 6, 0, 0, 0], "doc_lens": [2]}])
     with pytest.raises(ValueError, match=r"feature 1: doc_lens \[1\] sum to 1 .* token 61 at position 2"):
         AnchorCollator(anchor_id=1, pad_id=0)([ROWS[0], dict(ROWS[2], doc_lens=[1])])
 
