@@ -137,14 +137,12 @@ def merge_plan(layout, window: int | None):
     the row's anchor joined to document 1, every other segment as in the layout) and the ``(B*L,)`` bool mask of
     the queries that take the anchor by merge (documents 2.. whose anchor is inside the window; ``None`` for
     ``intra_doc``/``full``)."""
-    key = ("varlen_merge_plan", window)
-    plan = layout._cache.get(key)
-    if plan is not None:
-        return plan
+    return layout.cached(("varlen_merge_plan", window), lambda: _build_merge_plan(layout, window))
+
+
+def _build_merge_plan(layout, window: int | None):
     if layout.kv_index is None:  # intra_doc / full: the layout's own segments, nothing to merge
-        plan = (layout.cu_seqlens_q, layout.max_seqlen_q, None)
-        layout._cache[key] = plan
-        return plan
+        return layout.cu_seqlens_q, layout.max_seqlen_q, None
     doc = layout.doc_ids.reshape(-1)
     B, L = layout.doc_ids.shape
     lens: list[int] = []
@@ -165,9 +163,7 @@ def merge_plan(layout, window: int | None):
                                             torch.tensor(layout.seqlens_q, device=doc.device), output_size=B * L)
         local = torch.arange(B * L, device=doc.device) - seg_start  # offset within the document
         merge = merge & (local + 1 < window)
-    plan = (cu, max(lens), merge)
-    layout._cache[key] = plan
-    return plan
+    return cu, max(lens), merge
 
 
 # ------------------------------------------------------------------------------------------- autograd
