@@ -19,7 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("anchorcontext.trl needs TRL: pip install 'anchorcontext[trl]'") from e
 
 from .collator import AnchorCollator
-from .packing import DocumentPacker, PackStats, anchor_token_id
+from .packing import DocumentPacker, PackStats, anchor_and_pad_ids
 from .patches import is_patched, patch_model
 
 __all__ = ["AnchorSFTTrainer", "anchor_sft_config"]
@@ -95,9 +95,7 @@ class AnchorSFTTrainer(SFTTrainer):
                                                 pad_to_multiple_of=args.pad_to_multiple_of)
 
     def _anchor_ids(self) -> tuple[int, int]:
-        tok = self._tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return anchor_token_id(tok), 0 if pad is None else int(pad)
+        return anchor_and_pad_ids(self._tokenizer)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
