@@ -561,6 +561,24 @@ def test_patch_keeps_the_loaded_implementation_for_plain_forwards(stock, monkeyp
 
 
 # ---- parallel/ulysses.py entries (issue 13 item 7) ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_plain_forward_without_a_mask_under_sp_stays_causal(family):
+    """The Ulysses wrapper drops masks: a maskless plain forward under ``anchor_sp`` on an eager model must still be
+    causal (eager without a mask attends both ways)."""
+    from anchorcontext.parallel.ulysses import prepare_model_for_sp, unprepare_model_for_sp
+
+    model = make_model(family, "eager")
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # stock eager, causal (gemma2: window 4)
+        ac.patch_model(model)
+        prepare_model_for_sp(model, sp_size=1, group_fn=lambda: None)
+        got = model(input_ids=ids).logits
+        unprepare_model_for_sp(model)
+    n = 6 if family == "llama" else 4  # gemma2's sliding window (4) is not reproduced: tokens before it agree
+    torch.testing.assert_close(got[:, :n], want[:, :n], atol=1e-5, rtol=1e-5)
+
+
 def test_sp_entry_keeps_the_eager_fallback_and_unprepare_restores_it(monkeypatch):
     import transformers.models.llama.modeling_llama as ml
 

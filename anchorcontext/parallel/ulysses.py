@@ -99,9 +99,26 @@ def _sp_mask_fn(*args, **kwargs):
     """Mask function for ``"anchor_sp"``: no mask.
 
     The Ulysses wrapper discards 4-D masks (they would be built for the local shard's length and cost
-    O(L^2)); the anchor forward takes its boundaries from the layout, and a plain forward runs causal SDPA.
+    O(L^2)); the anchor forward takes its boundaries from the layout, and a plain forward gets a causal mask in
+    ``anchor_sp`` itself where its entry needs one (see :func:`_causal_mask`).
     """
     return
+
+
+def _causal_mask(query, key):
+    """An additive causal ``(1, 1, Lq, Lk)`` mask (bottom-right aligned) for a plain forward under SP.
+
+    The Ulysses wrapper drops 4-D masks; SDPA is causal without one, but eager and flex entries would attend both
+    ways. O(Lq*Lk), built only for plain (non-anchor) forwards of such models (evaluation); sliding windows of the
+    stock mask are not reproduced."""
+    import torch
+
+    q, k = query.shape[-2], key.shape[-2]
+    if q == 1:
+        return None
+    keep = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    return torch.zeros(q, k, dtype=query.dtype, device=query.device).masked_fill(
+        ~keep, torch.finfo(query.dtype).min)[None, None]
 
 
 def register_sp_attention() -> str:
@@ -117,10 +134,13 @@ def register_sp_attention() -> str:
     if AttentionInterface._global_mapping.get(SP_ATTN_NAME) is None:
 
         def anchor_sp_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
-            # the model's own patched entry ("anchor", "anchor_eager", "anchor|<stock>"), sent by the SP pre-hook,
-            # so a plain forward under SP runs the fallback the model had (eager for Gemma2's softcap, ...)
-            inner = AttentionInterface._global_mapping[kwargs.pop("anchor_sp_inner", ATTN_NAME)]
+            # the model's own patched entry ("anchor", "anchor_eager", or the stock name it kept), sent by the SP
+            # pre-hook, so a plain forward runs the fallback the model had (eager for Gemma2's softcap, ...)
+            name = kwargs.pop("anchor_sp_inner", ATTN_NAME)
+            inner = AttentionInterface._global_mapping[name]
             layout = kwargs.pop("anchor_sp_layout", None)
+            if layout is None and kwargs.get("anchor_layout") is None and attention_mask is None and name != ATTN_NAME:
+                attention_mask = _causal_mask(query, key)
             if layout is not None:
                 kwargs["anchor_layout"] = layout
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
