@@ -202,3 +202,20 @@ def test_sft_trainer_packing_batches_run_as_intra_document(tmp_path, padding_fre
                 a += n
             offset += len(r["input_ids"])
         assert _worst(_forward(model, batch), ranges, refs) <= 1e-5
+
+
+def test_cached_multi_token_forward_with_full_mask_runs_like_stock():
+    """A patched model continuing a KV cache with several new tokens, their position_ids and the full 2-D mask
+    (chunked prefill, a new chat turn) runs like the stock model: the mask covers cached + new tokens."""
+    stock = make_model("llama")
+    model = ac.patch_model(make_model("llama"))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=g)
+    outs = []
+    for m in (stock, model):
+        with torch.no_grad():
+            first = m(input_ids=ids[:, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), use_cache=True)
+            nxt = m(input_ids=ids[:, 6:], attention_mask=torch.ones(1, 9, dtype=torch.long),
+                    position_ids=torch.arange(6, 9)[None], past_key_values=first.past_key_values, use_cache=True)
+        outs.append(nxt.logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

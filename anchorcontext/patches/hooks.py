@@ -117,20 +117,22 @@ def _packing_layout(kwargs: dict, ref: torch.Tensor, cache_names) -> AnchorLayou
         pos = kwargs.get("position_ids")
         if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or L < 2:
             return None
+    # a 2-D mask covers cached + new tokens: its last L columns are this forward's (one host copy, used below)
+    m = mask2d.detach()[:, -L:].to("cpu").bool() if mask2d is not None else None
+    if cu_q is None:
         pos = pos.detach().to("cpu").expand(B, L)
         starts = torch.zeros(B, L, dtype=torch.bool)
         starts[:, 1:] = pos[:, 1:] <= pos[:, :-1]
-        if mask2d is not None:
-            m = mask2d.detach().to("cpu").bool()
+        if m is not None:
             starts[:, 1:] &= m[:, 1:] & m[:, :-1]
         if not bool(starts[:, 1:].any()):
             return None
         starts[:, 0] = True
     doc = starts.cumsum(1)
-    if mask2d is not None and not bool(mask2d.bool().all()):
-        m = mask2d.detach().to("cpu").bool()
-        if bool((m[:, 1:] & ~m[:, :-1]).any()):
-            r = int((m[:, 1:] & ~m[:, :-1]).any(1).nonzero()[0, 0])
+    if m is not None and not bool(m.all()):
+        late = (m[:, 1:] & ~m[:, :-1]).any(1)  # a real token after a padded one
+        if bool(late.any()):
+            r = int(late.nonzero()[0, 0])
             raise ValueError(
                 f"a packed batch (cu_seq_lens_* or restarting position_ids) needs right padding only; attention_mask "
                 f"row {r} has a padded token before a real one"
