@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from .layout import MASKS
-from .training.checkpoints import _jsonable
+from .training.checkpoints import RESUME_MAY_DIFFER, _jsonable
 
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 DRIFT_OFFSETS = (0, 4, 15, 17, 50, 200)  # a subset of the paper's Δ1 (Δ2 = 16 is added as the control)
@@ -545,12 +545,17 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
         run_argv = [*argv, "--mask", mask, "--positions", positions, "--dtype", PRECISIONS[precision], "--seed",
                     str(seed), "--output_dir", str(run_dir), "--eval_before_after", "false",
                     "--plots", str(bool(opts.plots)).lower()]  # fmt: skip
+        if not opts.force and any(run_dir.glob("checkpoint-*/trainer_state.json")):
+            run_argv += ["--resume_from_checkpoint", "last"]  # an interrupted run of this variant: continue it
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
+            run_argv += ["--overwrite_output_dir", "true"]  # --force, or a run that left no checkpoint
         m, d, a, r, t = parse_args(run_argv, defaults=train_defaults)
         # anchor and run options in one block, as before RunArguments existed: earlier runs' config_hash still holds
+        # the options that change what trains (training's own resume check drops the rest: eval, threads, plots...)
         cfg = {"model": _jsonable(vars(m)), "data": _jsonable(vars(d)),
-               "anchor": {k: _jsonable(v) for k, v in {**vars(a), **vars(r)}.items() if k != "plots"},
+               "anchor": {k: _jsonable(v) for k, v in {**vars(a), **vars(r)}.items() if k not in RESUME_MAY_DIFFER},
                "training": {k: _jsonable(v) for k, v in t.to_dict().items()
-                            if k not in ("logging_dir", "output_dir")}}  # fmt: skip
+                            if k not in RESUME_MAY_DIFFER}}  # fmt: skip
         chash = _config_hash(cfg)
         rec_path = run_dir / "compare_run.json"
         if rec_path.is_file() and (run_dir / "model").is_dir() and not opts.force:

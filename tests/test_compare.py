@@ -108,6 +108,20 @@ def test_resume_skips_finished_runs_and_refuses_other_config(preset_run, monkeyp
     assert again["aggregate"] == json.loads(json.dumps(res["aggregate"]))
     with pytest.raises(ValueError, match="another configuration"):
         compare([*ARGV, "--learning_rate", "1e-3"], opts=_opts(out, plots=False), config=PRESET)
+    # options that do not change what trains (threads, eval settings) keep the finished runs
+    again = compare([*ARGV, "--threads", "1", "--eval_samples", "3"], opts=_opts(out, plots=False), config=PRESET)
+    assert all(r["resumed"] for r in again["runs"].values())
+
+    class Called(Exception):
+        pass
+
+    def spy(m, d, a, r, t, **k):
+        raise Called(r.overwrite_output_dir, t.resume_from_checkpoint)
+
+    monkeypatch.setattr(training, "run", spy)
+    with pytest.raises(Called) as e:  # --force retrains into the run's folder: it must be allowed to write over it
+        compare(ARGV, opts=_opts(out, plots=False, force=True), config=PRESET)
+    assert e.value.args == (True, None)
 
 
 def test_spread_and_verdicts():
