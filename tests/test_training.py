@@ -16,6 +16,7 @@ import torch
 from anchorcontext import MASKS, AnchorCollator, pack_documents
 from anchorcontext.training import DEMO, QUICK, load_config, parse_args
 from anchorcontext.training.args import AnchorArguments, DataArguments, ModelArguments, RunArguments
+from anchorcontext.training.checkpoints import RUN_ARGS_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -438,6 +439,17 @@ def test_non_empty_output_dir_is_refused_before_training(tmp_path):
     assert (out / "summary.json").read_text() == "{}"  # nothing overwritten
 
 
+def test_overwrite_removes_the_earlier_runs_checkpoints(tmp_path):
+    """After --overwrite_output_dir, `last` must never find a checkpoint of the run that was written over."""
+    from anchorcontext.training import run
+
+    old = _fake_checkpoint(tmp_path / "run", 99)
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    run(*_args(tmp_path, "--max_steps", "1", "--overwrite_output_dir", "true", "--save_strategy", "no"))
+    assert not old.exists()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_resume_names_the_arguments_that_differ_from_the_checkpoints_run(tmp_path):
     from anchorcontext.training.train import check_resume_matches, record_run_args
 
@@ -536,6 +548,7 @@ def test_bad_record_late_in_a_stream_saves_a_checkpoint_and_names_the_line(tmp_p
     assert "checkpoint" in str(e.value)
     cks = sorted((tmp_path / "run").glob("checkpoint-*"))
     assert cks and (cks[-1] / "trainer_state.json").is_file(), cks
+    assert (cks[-1] / RUN_ARGS_FILE).is_file()  # tagged with the run's options, so resuming it is checked
 
 
 def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):

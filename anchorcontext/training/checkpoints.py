@@ -131,7 +131,20 @@ def check_output_dir(out: pathlib.Path, resume: str | None, overwrite: bool, *, 
                          f"optimizer state) needs about {model_bytes / 2**30:.2f} GiB")
 
 
-def _save_after_failure(trainer, error: Exception) -> Exception:
+def remove_old_checkpoints(out: pathlib.Path) -> None:
+    """Delete an earlier run's ``checkpoint-*`` folders from ``out`` (a run started over with
+    ``--overwrite_output_dir``), so ``--resume_from_checkpoint last`` can only find this run's."""
+    import shutil
+
+    old = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    if old:
+        logger.warning("anchorcontext: --overwrite_output_dir: removing the earlier run's checkpoints in %s: %s", out,
+                       ", ".join(p.name for p in old))
+        for p in old:
+            shutil.rmtree(p)
+
+
+def _save_after_failure(trainer, error: Exception, record_args: RecordArgsCallback | None = None) -> Exception:
     """Save a resumable checkpoint at the last finished step, then return ``error`` with where the run can resume.
 
     The exception (e.g. a bad record late in a streaming dataset, whose message names its file and line) is
@@ -141,7 +154,9 @@ def _save_after_failure(trainer, error: Exception) -> Exception:
     where = "no checkpoint (no step had finished)"
     if step > 0:
         try:
-            trainer._save_checkpoint(trainer.model, trial=None)
+            trainer._save_checkpoint(trainer.model, trial=None)  # calls no on_save: tag it with the run's options
+            if record_args is not None:
+                record_args.on_save(trainer.args, trainer.state, None)
             where = f"checkpoint {os.path.join(trainer.args.output_dir, f'checkpoint-{step}')} saved at step {step}; " \
                     "fix the cause and resume with --resume_from_checkpoint last"
         except Exception as save_error:  # report the training error, not the failed save

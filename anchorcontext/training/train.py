@@ -38,6 +38,7 @@ from .checkpoints import (  # noqa: F401  (re-exported)
     check_resume_matches,
     last_complete_checkpoint,
     record_run_args,
+    remove_old_checkpoints,
 )
 from .model import (  # noqa: F401  (re-exported)
     SHAPE_KEYS,
@@ -173,9 +174,8 @@ def _run(margs, dargs, aargs, rargs, training_args, callbacks) -> dict:
     resume = _resolve_resume(training_args)
     out = pathlib.Path(training_args.output_dir)
     check_output_dir(out, resume, rargs.overwrite_output_dir)
-    if resume is None and any(out.glob("checkpoint-*")):
-        logger.warning("anchorcontext: --overwrite_output_dir: %s holds checkpoints of an earlier run; this run starts "
-                       "from scratch and writes over them", out)
+    if resume is None:
+        remove_old_checkpoints(out)  # --overwrite_output_dir: `last` must never resume the earlier run
     apply_tokens_per_step(rargs, dargs, training_args)
     if resume is not None:
         check_resume_matches(resume, margs, dargs, aargs, rargs, training_args)
@@ -237,7 +237,7 @@ def _run(margs, dargs, aargs, rargs, training_args, callbacks) -> dict:
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
     except Exception as e:
-        raise _save_after_failure(trainer, e) from e
+        raise _save_after_failure(trainer, e, record_args) from e
     t_train = time.perf_counter() - t0
     interrupted = interrupt.interrupted
 
