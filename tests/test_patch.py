@@ -603,3 +603,113 @@ def test_sp_entry_keeps_the_eager_fallback_and_unprepare_restores_it(monkeypatch
     assert used, "a plain forward under anchor_sp ran SDPA instead of the model's eager attention"
     unprepare_model_for_sp(model)
     assert model.config._attn_implementation == ATTN_NAME_EAGER
+
+
+# ---- refusals on eager models: the family's own eager function is guarded (issue 14 item 4) ------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_anchor_inputs_refused_on_eager_models_never_patched_unpatched_and_reloaded(family, tmp_path):
+    batch = packed_batch()
+    model = make_model(family, "eager")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"stock 'eager'.*patch_model"):
+        _anchor_call(model, batch)  # never patched
+    with torch.no_grad():
+        patched = _anchor_call(ac.patch_model(model), batch).logits
+    ac.unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad(), pytest.raises(ValueError, match=r"patch_model"):
+        _anchor_call(model, batch)  # unpatched
+    model.save_pretrained(tmp_path / "m")
+    reloaded = type(model).from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"patch_model"):
+        _anchor_call(reloaded, batch)  # reloaded
+    with torch.no_grad():
+        torch.testing.assert_close(_anchor_call(ac.patch_model(reloaded), batch).logits, patched, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_guarded_eager_function_leaves_plain_forwards_bitwise_unchanged(family, monkeypatch):
+    import sys
+
+    model = make_model(family, "eager")
+    module = sys.modules[type(model).__module__]
+    guarded = module.eager_attention_forward
+    assert guarded.__wrapped_stock__ is not None
+    ids = packed_batch()["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        monkeypatch.setattr(module, "eager_attention_forward", guarded.__wrapped_stock__)
+        want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_every_eager_function_of_a_loaded_modeling_module_is_guarded():
+    """The families whose call sites pass another eager function (vision_/simple_/text_) are guarded too, and a
+    call of one with anchor keys is refused while a plain call runs the function unchanged."""
+    import importlib
+    import sys
+
+    mods = [importlib.import_module(f"transformers.models.{m}") for m in (
+        "llama4.modeling_llama4", "phi4_multimodal.modeling_phi4_multimodal", "timesfm.modeling_timesfm")]
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers.models.") and name.rsplit(".", 1)[-1].startswith("modeling_"):
+            for attr, fn in vars(mod).items():
+                if attr.endswith("eager_attention_forward") and callable(fn):
+                    assert hasattr(fn, "__wrapped_stock__"), f"{name}.{attr} is not guarded"
+    fn = mods[1].simple_eager_attention_forward
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    module = torch.nn.Module()
+    module.training, module.num_key_value_groups = False, 1
+    out, _ = fn(module, q, k, v, None, scaling=0.5)
+    want, _ = fn.__wrapped_stock__(module, q, k, v, None, scaling=0.5)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"simple_eager_attention_forward.*patch_model"):
+        fn(module, q, k, v, None, scaling=0.5, anchor_layout=ac.AnchorLayout.from_doc_lens([[2, 2]], 5))
+
+
+def test_eager_model_refused_when_anchorcontext_is_imported_before_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, anchorcontext as ac, transformers\n"
+        "cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1)\n"
+        "cfg._attn_implementation = 'eager'\n"
+        "m = transformers.Qwen2ForCausalLM(cfg).eval()\n"
+        "b = ac.anchor_inputs(torch.tensor([[0, 1, 1, 2, 2]]))\n"
+        "try:\n"
+        "    m(input_ids=torch.tensor([[1, 5, 6, 7, 8]]), **b)\n"
+        "except ValueError as e:\n"
+        "    print('REFUSED', 'patch_model' in str(e))\n"
+        "else:\n"
+        "    print('RAN')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.stdout.strip() == "REFUSED True", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_guarded_attention_traces_with_torch_compile_fullgraph(attn):
+    """The guards sit in every layer call of every model once anchorcontext is imported: torch.compile must trace
+    them without a graph break on a model that is not patched. A patched model compiles too (its decoder hooks,
+    which validate the batch on the host, are graph breaks) and gives the same plain and anchor outputs."""
+    model = make_model("llama", attn)
+    batch = packed_batch()
+    ids = batch["input_ids"]
+    anchor = {k: batch[k] for k in ("position_ids", "anchor_layout")}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids).logits
+        torch.testing.assert_close(got, model(input_ids=ids).logits, atol=0, rtol=0)
+        ac.patch_model(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(compiled(input_ids=ids, **anchor).logits, model(input_ids=ids, **anchor).logits,
+                                   atol=0, rtol=0)
+        torch._dynamo.reset()

@@ -32,43 +32,49 @@ from .registration import (
     ATTN_NAME_EAGER,
     MIN_TRANSFORMERS,
     check_transformers_version,
+    guard_eager_functions,
     guard_stock_attention,
+    is_modeling_module,
     register,
 )
 
 
 class _GuardOnImport(importlib.abc.MetaPathFinder):
-    """Guards the stock attention entries right after ``transformers.modeling_utils`` is first imported, so the
-    guard holds whichever of ``anchorcontext`` and ``transformers`` a script imports first."""
+    """Guards as transformers loads: the stock attention entries right after ``transformers.modeling_utils`` is
+    first imported, and each model family's eager attention functions right after its ``modeling_*`` module is
+    (transformers imports those lazily, at first use). So the guard holds whichever of ``anchorcontext`` and
+    ``transformers`` a script imports first, and for families loaded later."""
 
-    _busy = False
+    def __init__(self):
+        self._busy: set[str] = set()  # names being looked up through the other finders (per name: thread-safe)
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers.modeling_utils" or self._busy:
+        if fullname in self._busy or not (fullname == "transformers.modeling_utils" or is_modeling_module(fullname)):
             return None
-        self._busy = True  # find the real spec through the other finders
+        self._busy.add(fullname)
         try:
             spec = importlib.util.find_spec(fullname)
         finally:
-            self._busy = False
+            self._busy.discard(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            guard_stock_attention()
+            if fullname == "transformers.modeling_utils":
+                guard_stock_attention()
+            else:
+                guard_eager_functions(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+if not any(isinstance(f, _GuardOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _GuardOnImport())
 if "transformers.modeling_utils" in sys.modules:
     guard_stock_attention()
-elif not any(isinstance(f, _GuardOnImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _GuardOnImport())
 
 __all__ = [
     "ANCHOR_KEYS",
@@ -82,6 +88,7 @@ __all__ = [
     "_pretrained_root",
     "anchor_kwargs_to_layout",
     "check_transformers_version",
+    "guard_eager_functions",
     "guard_stock_attention",
     "is_patched",
     "patch_model",

@@ -9,7 +9,9 @@ Entries (``AttentionInterface`` + ``AttentionMaskInterface``, never rebinding pr
 A call that carries ``anchor_layout`` runs AnchorAttention; any other call runs the fallback unchanged.
 
 The guard (:func:`guard_stock_attention`) wraps every other entry of ``AttentionInterface`` (FlashAttention,
-flex, kernels-hub names, and the ``"sdpa"`` that a reloaded model gets): a call carrying ``anchor_*`` kwargs runs
+flex, kernels-hub names, and the ``"sdpa"`` that a reloaded model gets) and the ``*eager_attention_forward``
+functions of every loaded ``transformers.models.*.modeling_*`` module (what a model on ``eager`` calls; its call
+site passes it to ``get_interface`` as the default, read from the module at call time): a call carrying ``anchor_*`` kwargs runs
 AnchorAttention when a patched model's pre-hook prepared it, and is refused with an error naming ``patch_model``
 otherwise (never patched, unpatched, reloaded), instead of silently attending across documents. So a model
 loaded with FlashAttention or flex keeps its name and its kernel for plain forwards after ``patch_model``
@@ -65,6 +67,7 @@ def _eager_fallback(module, query, key, value, attention_mask, **kwargs):
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    fn = getattr(fn, "__wrapped_stock__", fn)
     return fn(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -125,21 +128,21 @@ def is_anchor_name(name: str | None) -> bool:
     return name in (ATTN_NAME, ATTN_NAME_EAGER)
 
 
-def _make_guard(stock_name: str, fn):
+def _make_guard(what: str, fn):
     """``fn`` (a stock entry) that runs AnchorAttention for a patched model's anchor forward (the decoder's
     pre-hook marked it) and refuses ``anchor_*`` kwargs otherwise."""
     anchor_fn = _make_attention_fn(fn)
 
     @functools.wraps(fn)
-    def guarded(module, query, key, value, attention_mask, *args, **kwargs):
-        if kwargs.keys().isdisjoint(_GUARD_KEYS):  # every plain call, every layer: stay cheap
-            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+    def guarded(*args, **kwargs):
+        if not any(k in kwargs for k in _GUARD_KEYS):  # every plain call, every layer: cheap, and torch.compile traces it
+            return fn(*args, **kwargs)
         given = [k for k in _GUARD_KEYS if k in kwargs]
         if kwargs.get("anchor_layout") is not None and kwargs.get(PATCHED_KEY):
-            return anchor_fn(module, query, key, value, attention_mask, *args, **kwargs)
+            return anchor_fn(*args, **kwargs)
         raise ValueError(
-            f"this forward carries {given} but the model's attention is the stock {stock_name!r} "
-            "implementation, which would ignore them and attend across documents; call "
+            f"this forward carries {given} but the model's attention is the stock {what}, which would ignore "
+            "them and attend across documents; call "
             "anchorcontext.patch_model(model) first (also after unpatch_model, and on a model reloaded "
             "with from_pretrained: its saved config rightly names the stock implementation)"
         )
@@ -148,12 +151,30 @@ def _make_guard(stock_name: str, fn):
     return guarded
 
 
-def guard_stock_attention() -> None:
-    """Wrap every registered stock attention entry so it refuses ``anchor_*`` kwargs (idempotent).
+def is_modeling_module(name: str) -> bool:
+    """Whether ``name`` is a transformers model family's modeling module (``transformers.models.x.modeling_x``)."""
+    return name.startswith("transformers.models.") and name.rpartition(".")[2].startswith("modeling_")
 
-    Entries registered later (a kernels-hub kernel loaded by ``from_pretrained``) are guarded at the next call.
-    Models on ``eager`` call their family's function directly, never through the registry: see
-    docs/architecture.md for what covers them.
+
+def guard_eager_functions(module) -> None:
+    """Wrap the ``*eager_attention_forward`` functions of one modeling module in place (idempotent).
+
+    A model on ``eager`` calls them, not a registry entry: ``get_interface(name, eager_attention_forward)`` (or
+    ``eager_attention_forward`` itself on transformers < 5.x) reads the module global at call time, so replacing
+    the global guards every such call, including families whose call site passes another eager function
+    (``vision_``/``simple_``/``text_eager_attention_forward``): each keeps its own function.
+    """
+    for attr, fn in list(vars(module).items()):
+        if attr.endswith("eager_attention_forward") and callable(fn) and not hasattr(fn, "__wrapped_stock__"):
+            setattr(module, attr, _make_guard(f"'eager' implementation ({module.__name__}.{attr})", fn))
+
+
+def guard_stock_attention() -> None:
+    """Wrap every registered stock attention entry and every loaded model family's eager attention function so
+    they refuse ``anchor_*`` kwargs (idempotent).
+
+    Entries registered later (a kernels-hub kernel loaded by ``from_pretrained``) are guarded at the next call;
+    modeling modules imported later are guarded as they load (the import hook in :mod:`anchorcontext.patches`).
     """
     try:
         from transformers import AttentionInterface
@@ -162,7 +183,10 @@ def guard_stock_attention() -> None:
     for name, fn in list(AttentionInterface._global_mapping.items()):
         if fn is None or name.startswith("anchor") or hasattr(fn, "__wrapped_stock__"):
             continue
-        AttentionInterface.register(name, _make_guard(name, fn))
+        AttentionInterface.register(name, _make_guard(f"{name!r} implementation", fn))
+    for name, module in list(sys.modules.items()):
+        if module is not None and is_modeling_module(name):
+            guard_eager_functions(module)
 
 
 def register() -> None:
