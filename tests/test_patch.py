@@ -404,8 +404,9 @@ def test_anchor_inputs_refused_when_anchorcontext_is_imported_before_transformer
     assert "REFUSED" in out.stdout and "patch_model" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
-def test_anchor_collator_under_trainer_refused_on_unpatched_model(tmp_path):
-    model = make_model("llama")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_anchor_collator_under_trainer_refused_on_unpatched_model(tmp_path, attn):
+    model = make_model("llama", attn)
     model.train()
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": [ANCHOR] + torch.randint(3, VOCAB, (sum(lens),), generator=g).tolist(), "doc_lens": lens}
