@@ -561,6 +561,41 @@ def test_patch_keeps_the_loaded_implementation_for_plain_forwards(stock, monkeyp
     assert model.config._attn_implementation == stock
 
 
+@pytest.mark.parametrize("stock", ["flash_attention_2", "flex_attention"])
+def test_anchor_forward_of_a_kept_implementation_builds_no_stock_mask(stock, monkeypatch, caplog):
+    """A model patched on FlashAttention / flex keeps its name, so transformers looks its mask function up under that
+    name: an anchor forward must not build it (flex's BlockMask is O(L^2) work) nor warn to call patch_model."""
+    import logging
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from anchorcontext.patches import registration
+
+    masks = []
+
+    def stand_in(module, q, k, v, attention_mask, **kw):
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kw)
+
+    def mask_stand_in(*args, **kwargs):
+        masks.append(1)
+        return torch.ones(1, dtype=torch.bool)  # what a real mask function hands on: something non-None
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, stock, stand_in)
+    monkeypatch.setitem(transformers.AttentionMaskInterface._global_mapping, stock, mask_stand_in)
+    monkeypatch.setattr(registration, "_warned", set())
+    model = make_model("llama")
+    model.config._attn_implementation = stock
+    ac.patch_model(model)
+    batch = packed_batch()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="anchorcontext"):
+        model(input_ids=batch["input_ids"])
+        assert masks, "the plain forward did not build the stock mask"
+        masks.clear()
+        model(**batch)
+    assert not masks, "the anchor forward of a patched model built the stock mask"
+    assert "patch_model" not in caplog.text
+
+
 # ---- parallel/ulysses.py entries (issue 13 item 7) ----------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_plain_forward_without_a_mask_under_sp_stays_causal(family):

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from ..layout import AnchorLayout
-from .registration import _ANCHOR_FORWARD, ATTN_NAME, ATTN_NAME_EAGER, PATCHED_KEY, is_anchor_name, register
+from .registration import (
+    _ANCHOR_FORWARD,
+    ATTN_NAME,
+    ATTN_NAME_EAGER,
+    PATCHED_KEY,
+    is_anchor_name,
+    register,
+    skip_stock_mask_in_anchor_forwards,
+)
 
 _STATE_ATTR = "_anchorcontext_patch"
 HF_PACKING = ("intra_doc", "refuse")
@@ -259,6 +267,7 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
         if prev not in AttentionInterface._global_mapping:
             raise ValueError(f"attention implementation {prev!r} is not registered in transformers' AttentionInterface")
         name = prev
+        skip_stock_mask_in_anchor_forwards(name)
     if name != root.config._attn_implementation:
         root.set_attn_implementation(name)
     # Hooks go on the decoder (e.g. LlamaModel): it builds the mask, and wrappers that call the outer

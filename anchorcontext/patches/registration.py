@@ -151,6 +151,26 @@ def _make_guard(what: str, fn):
     return guarded
 
 
+def skip_stock_mask_in_anchor_forwards(name: str) -> None:
+    """Make the stock mask entry ``name`` (a name a patched model kept: FlashAttention, flex, a kernels-hub kernel)
+    return ``None`` during anchor forwards, as ours do: the anchor attention ignores it, and flex's BlockMask is
+    O(L^2) work. Idempotent; other calls, and calls under torch.compile, run the stock entry unchanged."""
+    from transformers import AttentionMaskInterface
+
+    fn = AttentionMaskInterface._global_mapping.get(name)
+    if fn is None or hasattr(fn, "__wrapped_stock__"):
+        return
+
+    @functools.wraps(fn)
+    def mask_fn(*args, **kwargs):
+        if not torch.compiler.is_compiling() and _ANCHOR_FORWARD.get():
+            return None
+        return fn(*args, **kwargs)
+
+    mask_fn.__wrapped_stock__ = fn
+    AttentionMaskInterface.register(name, mask_fn)
+
+
 def is_modeling_module(name: str) -> bool:
     """Whether ``name`` is a transformers model family's modeling module (``transformers.models.x.modeling_x``)."""
     return name.startswith("transformers.models.") and name.rpartition(".")[2].startswith("modeling_")
