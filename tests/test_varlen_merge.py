@@ -29,7 +29,7 @@ from anchorcontext.attention.varlen_merge import merge_plan, varlen_merge_attent
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(varlen_merge, "_KERNEL_OVERRIDE", varlen_kernel_standin.StandinKernel())
+    monkeypatch.setattr(varlen_merge, "KERNEL", varlen_kernel_standin.StandinKernel())
     varlen_kernel_standin.CALLS.clear()
     return varlen_kernel_standin
 
@@ -92,7 +92,7 @@ def test_merge_gradients_need_the_merged_lse(kernel, monkeypatch):
         return real_backward(dout_, q_, k_, v_, out_d, lse_d, cu, max_len, scale, window)
 
     own.backward = backward_with_own_lse
-    monkeypatch.setattr(varlen_merge, "_KERNEL_OVERRIDE", own)
+    monkeypatch.setattr(varlen_merge, "KERNEL", own)
     bad = torch.autograd.grad(varlen_merge_attention(q, k, v, layout), (q, k, v), dout)
     assert (bad[1] - exact[1]).abs().max() > 1e-3
 
@@ -135,15 +135,17 @@ def test_impl_selection_errors(monkeypatch):
     assert varlen_merge.impl() == "gather"
 
 
-def test_merge_refuses_what_it_cannot_run(kernel):
+def test_merge_refuses_what_it_cannot_run(kernel, monkeypatch):
     ids = doc_ids("odd_lengths")
     layout = AnchorLayout.from_doc_ids(ids)
     q, k, v = make_qkv(1, 4, 4, L, 16, torch.float32)
     with pytest.raises(ValueError, match=r"softcap=2.0"):
         varlen_merge_attention(q, k, v, layout, softcap=2.0)
-    varlen_merge._KERNEL_OVERRIDE = None  # restored by the fixture's monkeypatch
+    monkeypatch.setattr(varlen_merge, "KERNEL", varlen_merge.TorchFlashKernel())  # the real kernel's limits
     with pytest.raises(ValueError, match=r"needs CUDA tensors \(device is cpu\)"):
         varlen_merge_attention(q, k, v, layout)
+    assert "float16/bfloat16" in varlen_merge.unavailable_reason(torch.device("cuda"), torch.float32)
+    assert varlen_merge.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
 
 
 def test_torch_varlen_runs_under_the_flash_pin(fake_cuda_torch_varlen):  # noqa: F811
