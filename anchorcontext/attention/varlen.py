@@ -63,10 +63,21 @@ def pin_flash():
     """A context pinning torch's ``varlen_attn`` to its flash kernel. torch >= the 2026-08 varlen selector (pytorch
     #193631) honours ``sdpa_kernel`` and may otherwise prefer cuDNN, reported silently wrong on unaligned inputs
     (#194818); torch 2.13 (and pytorch at 000459dc) always run flash (``_should_use_cudnn`` returns False) and
-    ignore the context."""
+    ignore the context.
+
+    Entered per call, around ``varlen_attn`` only: held across layers it would also restrict every other SDPA call of
+    the model to flash (a call flash cannot serve would raise). The autograd backward runs after the context has
+    exited, so a selector that chooses again there is not pinned (``tests/gpu`` checks both directions run flash)."""
+    sdpa_kernel, flash_only = _flash_pin_args()
+    return sdpa_kernel(flash_only)
+
+
+@functools.cache
+def _flash_pin_args():
+    # imported and built once (this runs per layer); sdpa_kernel copies the list, never mutates it
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return sdpa_kernel, [SDPBackend.FLASH_ATTENTION]
 
 
 def torch_varlen_cudnn_possible(device: torch.device) -> bool:
