@@ -22,7 +22,7 @@ from test_backends import (
     torch_2_12_varlen,
 )
 
-from anchorcontext import AnchorLayout
+from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import reference_attention, varlen, varlen_attention, varlen_merge
 from anchorcontext.attention.varlen_merge import merge_plan, varlen_merge_attention
 
@@ -120,6 +120,21 @@ def test_backend_varlen_uses_merge_when_selected(kernel, monkeypatch):
     intra = AnchorLayout.from_doc_ids(ids, "intra_doc")
     varlen_attention(q, k, v, intra)
     assert len(kernel.CALLS) == 1 and len(flash_standin.CALLS) == 3
+
+
+def test_auto_honours_the_impl_env_var_after_resolving(kernel, monkeypatch):
+    """resolve_backend caches auto's answer ("varlen" here); the gather/merge choice is made per call below it, so a
+    change of ANCHORCONTEXT_VARLEN_IMPL between calls takes effect."""
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", flash_standin.flash_attn_varlen_func)
+    flash_standin.CALLS.clear()
+    ids = doc_ids("odd_lengths")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(1, 4, 2, L, 16, torch.float64)
+    expected = reference_attention(q, k, v, layout)
+    for impl, merged, gathered in [("gather", 0, 1), ("merge", 1, 1), ("gather", 1, 2), ("merge", 2, 2)]:
+        monkeypatch.setenv(varlen_merge.ENV, impl)
+        torch.testing.assert_close(anchor_attention(q, k, v, layout), expected, rtol=1e-10, atol=1e-10)
+        assert (len(kernel.CALLS), len(flash_standin.CALLS)) == (merged, gathered), impl
 
 
 def test_impl_selection_errors(monkeypatch):
