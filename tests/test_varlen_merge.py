@@ -22,14 +22,14 @@ from test_backends import (
     torch_2_12_varlen,
 )
 
-from anchorcontext import AnchorLayout
+from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import reference_attention, varlen, varlen_attention, varlen_merge
 from anchorcontext.attention.varlen_merge import merge_plan, varlen_merge_attention
 
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(varlen_merge, "_KERNEL_OVERRIDE", varlen_kernel_standin.StandinKernel())
+    monkeypatch.setattr(varlen_merge, "KERNEL", varlen_kernel_standin.StandinKernel())
     varlen_kernel_standin.CALLS.clear()
     return varlen_kernel_standin
 
@@ -92,7 +92,7 @@ def test_merge_gradients_need_the_merged_lse(kernel, monkeypatch):
         return real_backward(dout_, q_, k_, v_, out_d, lse_d, cu, max_len, scale, window)
 
     own.backward = backward_with_own_lse
-    monkeypatch.setattr(varlen_merge, "_KERNEL_OVERRIDE", own)
+    monkeypatch.setattr(varlen_merge, "KERNEL", own)
     bad = torch.autograd.grad(varlen_merge_attention(q, k, v, layout), (q, k, v), dout)
     assert (bad[1] - exact[1]).abs().max() > 1e-3
 
@@ -122,6 +122,21 @@ def test_backend_varlen_uses_merge_when_selected(kernel, monkeypatch):
     assert len(kernel.CALLS) == 1 and len(flash_standin.CALLS) == 3
 
 
+def test_auto_honours_the_impl_env_var_after_resolving(kernel, monkeypatch):
+    """resolve_backend caches auto's answer ("varlen" here); the gather/merge choice is made per call below it, so a
+    change of ANCHORCONTEXT_VARLEN_IMPL between calls takes effect."""
+    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", flash_standin.flash_attn_varlen_func)
+    flash_standin.CALLS.clear()
+    ids = doc_ids("odd_lengths")
+    layout = AnchorLayout.from_doc_ids(ids)
+    q, k, v = make_qkv(1, 4, 2, L, 16, torch.float64)
+    expected = reference_attention(q, k, v, layout)
+    for impl, merged, gathered in [("gather", 0, 1), ("merge", 1, 1), ("gather", 1, 2), ("merge", 2, 2)]:
+        monkeypatch.setenv(varlen_merge.ENV, impl)
+        torch.testing.assert_close(anchor_attention(q, k, v, layout), expected, rtol=1e-10, atol=1e-10)
+        assert (len(kernel.CALLS), len(flash_standin.CALLS)) == (merged, gathered), impl
+
+
 def test_impl_selection_errors(monkeypatch):
     monkeypatch.setenv(varlen_merge.ENV, "fast")
     with pytest.raises(ValueError, match=r"ANCHORCONTEXT_VARLEN_IMPL='fast' is invalid"):
@@ -135,15 +150,17 @@ def test_impl_selection_errors(monkeypatch):
     assert varlen_merge.impl() == "gather"
 
 
-def test_merge_refuses_what_it_cannot_run(kernel):
+def test_merge_refuses_what_it_cannot_run(kernel, monkeypatch):
     ids = doc_ids("odd_lengths")
     layout = AnchorLayout.from_doc_ids(ids)
     q, k, v = make_qkv(1, 4, 4, L, 16, torch.float32)
     with pytest.raises(ValueError, match=r"softcap=2.0"):
         varlen_merge_attention(q, k, v, layout, softcap=2.0)
-    varlen_merge._KERNEL_OVERRIDE = None  # restored by the fixture's monkeypatch
+    monkeypatch.setattr(varlen_merge, "KERNEL", varlen_merge.TorchFlashKernel())  # the real kernel's limits
     with pytest.raises(ValueError, match=r"needs CUDA tensors \(device is cpu\)"):
         varlen_merge_attention(q, k, v, layout)
+    assert "float16/bfloat16" in varlen_merge.unavailable_reason(torch.device("cuda"), torch.float32)
+    assert varlen_merge.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
 
 
 def test_torch_varlen_runs_under_the_flash_pin(fake_cuda_torch_varlen):  # noqa: F811

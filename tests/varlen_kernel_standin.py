@@ -1,6 +1,6 @@
 """A pure-torch stand-in for the flash varlen kernel's raw forward/backward, as the merge path calls them.
 
-Installed through ``anchorcontext.attention.varlen_merge._KERNEL_OVERRIDE``. Semantics of
+Installed as ``anchorcontext.attention.varlen_merge.KERNEL`` (monkeypatched). Semantics of
 ``aten._flash_attention_forward/_backward`` (and flash-attn's ``_flash_attn_varlen_forward/_backward``) with
 ``cu_seqlens_q == cu_seqlens_k``:
 
@@ -11,7 +11,8 @@ Installed through ``anchorcontext.attention.varlen_merge._KERNEL_OVERRIDE``. Sem
   ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = P^T dO`` (summed over each key head's query group). A caller
   passing a wrong LSE or output gets wrong gradients, as with the real kernel.
 
-Math in float32 (float64 inputs stay float64). Every call's arguments are recorded in ``CALLS``.
+Math in float32 (float64 inputs stay float64), on any device and dtype. Every call's arguments are recorded in
+``CALLS``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _mask(cu, T, window, device):
 
 class StandinKernel:
     name = "standin"
+
+    @staticmethod
+    def unavailable_reason(device, dtype=None):
+        return None  # pure torch: runs anywhere
 
     def _prep(self, q, k, v, cu, max_len):
         assert cu.dtype == torch.int32 and cu.dim() == 1 and int(cu[0]) == 0 and int(cu[-1]) == q.shape[0], cu

@@ -59,6 +59,37 @@ def torch_varlen_func():
     return varlen_attn, "torch"
 
 
+def pin_flash():
+    """A context pinning torch's ``varlen_attn`` to its flash kernel. torch >= the 2026-08 varlen selector (pytorch
+    #193631) honours ``sdpa_kernel`` and may otherwise prefer cuDNN, reported silently wrong on unaligned inputs
+    (#194818); torch 2.13 (and pytorch at 000459dc) always run flash (``_should_use_cudnn`` returns False) and
+    ignore the context.
+
+    Entered per call, around ``varlen_attn`` only: held across layers it would also restrict every other SDPA call of
+    the model to flash (a call flash cannot serve would raise). The autograd backward runs after the context has
+    exited, so a selector that chooses again there is not pinned (``tests/gpu`` checks both directions run flash)."""
+    sdpa_kernel, flash_only = _flash_pin_args()
+    return sdpa_kernel(flash_only)
+
+
+@functools.cache
+def _flash_pin_args():
+    # imported and built once (this runs per layer); sdpa_kernel copies the list, never mutates it
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel, [SDPBackend.FLASH_ATTENTION]
+
+
+def torch_varlen_cudnn_possible(device: torch.device) -> bool:
+    """Whether torch's own varlen selector could pick cuDNN on ``device`` without :func:`pin_flash` (for tests)."""
+    import torch.nn.attention.varlen as tv
+
+    if hasattr(tv, "_select_backend"):
+        return True
+    should = getattr(tv, "_should_use_cudnn", None)
+    return bool(should is not None and device.type == "cuda" and should(device.index or 0))
+
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -110,7 +141,7 @@ def _torch_varlen_call(fn, q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, 
         else:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
-    with varlen_merge.pin_flash():  # torch may pick cuDNN (wrong on unaligned inputs, pytorch #194818)
+    with pin_flash():  # torch may pick cuDNN (wrong on unaligned inputs, pytorch #194818)
         return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
@@ -186,5 +217,6 @@ BACKEND = Backend(
         device, options.get("softcap"), options.get("dropout", 0.0), options.get("sliding_window"), dtype
     ),
     train_reason=lambda device: "needs CUDA" if device.type != "cuda" else unavailable_reason(device),
+    state=lambda: (_KERNEL_OVERRIDE, flash_varlen_kernel(), torch_varlen_func()),  # the kernels found (cached calls)
     help="flash-attn or torch varlen_attn on gathered [anchor] + document K/V: CUDA, float16/bfloat16",
 )

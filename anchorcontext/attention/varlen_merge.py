@@ -15,8 +15,9 @@ Kernel: ``torch.ops.aten._flash_attention_forward/_backward`` (the flash kernel 
 it directly pins flash, never cuDNN). Schemas checked in torch 2.13 (installed here) and in pytorch's
 ``torch/nn/attention/varlen.py`` at commit 000459dc (the k_cache-era API; the GPU image has 2.11, not checked
 directly): same positional arguments and ``scale``/``window_size_left``/``window_size_right`` keywords, LSE
-``(H, total_q)`` float32 (ROCm pads it: refused below). Tests set
-``_KERNEL_OVERRIDE`` to a stand-in with the same (out, lse) semantics.
+``(H, total_q)`` float32 (ROCm pads it: refused below). The kernel is the module's ``KERNEL`` object (its
+``forward``, ``backward`` and ``unavailable_reason``); tests set it to a stand-in with the same (out, lse) semantics
+(``tests/varlen_kernel_standin.py``).
 
 Selection per call: :func:`selected` (``ANCHORCONTEXT_VARLEN_IMPL=gather|merge`` or :func:`use_impl`); the
 default stays ``gather`` until a GPU run measures both.
@@ -34,7 +35,6 @@ from ._common import check_options, check_qkv, default_scaling
 ENV = "ANCHORCONTEXT_VARLEN_IMPL"
 IMPLS = ("gather", "merge")
 _IMPL_OVERRIDE: str | None = None  # set by use_impl (benchmarks time both side by side)
-_KERNEL_OVERRIDE = None  # tests: an object with forward/backward of the kernel's (out, lse) semantics
 
 
 def impl() -> str:
@@ -71,6 +71,15 @@ class TorchFlashKernel:
     name = "torch_flash"
 
     @staticmethod
+    def unavailable_reason(device: torch.device, dtype=None) -> str | None:
+        """Why the kernel cannot run on ``device`` with ``dtype`` inputs (``None`` when it can)."""
+        if device.type != "cuda":
+            return f"the varlen merge path needs CUDA tensors (device is {device.type})"
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            return f"the flash kernel takes float16/bfloat16 inputs, got {dtype}"
+        return None
+
+    @staticmethod
     def _args(window):  # varlen_attn's own convention: causal = window (-1, 0); a window (W - 1, 0) is local
         if window is None:
             return True, -1, 0
@@ -96,39 +105,14 @@ class TorchFlashKernel:
         )
 
 
-def pin_flash():
-    """A context pinning torch's ``varlen_attn`` to its flash kernel. torch >= the 2026-08 varlen selector (pytorch
-    #193631) honours ``sdpa_kernel`` and may otherwise prefer cuDNN, reported silently wrong on unaligned inputs
-    (#194818); torch 2.13 (and pytorch at 000459dc) always run flash (``_should_use_cudnn`` returns False) and
-    ignore the context."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-
-
-def torch_varlen_cudnn_possible(device: torch.device) -> bool:
-    """Whether torch's own varlen selector could pick cuDNN on ``device`` without :func:`pin_flash` (for tests)."""
-    import torch.nn.attention.varlen as tv
-
-    if hasattr(tv, "_select_backend"):
-        return True
-    should = getattr(tv, "_should_use_cudnn", None)
-    return bool(should is not None and device.type == "cuda" and should(device.index or 0))
-
-
-def kernel():
-    return _KERNEL_OVERRIDE if _KERNEL_OVERRIDE is not None else TorchFlashKernel()
+# The kernel the merge path calls: ``forward``, ``backward`` and ``unavailable_reason`` as above (tests substitute a
+# stand-in with the same semantics).
+KERNEL = TorchFlashKernel()
 
 
 def unavailable_reason(device: torch.device, dtype=None) -> str | None:
-    """Why the merge path cannot run here (``None`` when it can)."""
-    if _KERNEL_OVERRIDE is not None:
-        return None
-    if device.type != "cuda":
-        return f"the varlen merge path needs CUDA tensors (device is {device.type})"
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return f"the flash kernel takes float16/bfloat16 inputs, got {dtype}"
-    return None
+    """Why the merge path cannot run here (``None`` when it can): :data:`KERNEL`'s answer."""
+    return KERNEL.unavailable_reason(device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -250,5 +234,5 @@ def varlen_merge_attention(query, key, value, layout, *, scaling=None, softcap=N
     q = query.transpose(1, 2).reshape(B * L, H, D)
     k = key.transpose(1, 2).reshape(B * L, Hkv, D)
     v = value.transpose(1, 2).reshape(B * L, Hkv, D)
-    out = _MergeFn.apply(q, k, v, cu, max_len, merge, B, default_scaling(scaling, D), window, kernel())
+    out = _MergeFn.apply(q, k, v, cu, max_len, merge, B, default_scaling(scaling, D), window, KERNEL)
     return out.reshape(B, L, H, D)

@@ -73,7 +73,7 @@ def test_torch_varlen_runs_flash_under_the_pin():
     fn, src = varlen.flash_varlen_kernel()
     if fn is not None or varlen.torch_varlen_func()[0] is None:
         pytest.skip(f"the gather path uses {src}, not torch's varlen_attn")
-    print("torch varlen could pick cuDNN unpinned:", varlen_merge.torch_varlen_cudnn_possible(torch.device(DEV)))
+    print("torch varlen could pick cuDNN unpinned:", varlen.torch_varlen_cudnn_possible(torch.device(DEV)))
     layout = AnchorLayout.from_doc_ids(torch.tensor(UNALIGNED["odd_unaligned"]))
     q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 4))
     log = logging.getLogger("torch.nn.attention.varlen")
