@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +19,6 @@ class Backend:
     ``unavailable_reason(device, dtype, options)`` says why ``backend="auto"`` must not pick it here (``None``:
     it can run); ``options`` holds ``softcap``, ``dropout``, ``sliding_window``, ``needs_grad`` and ``head_dim``.
     ``train_reason(device)`` says why it is not a training path on ``device`` (``None``: it trains there).
-    ``state()`` returns (hashable) whatever ``unavailable_reason`` reads besides its arguments, e.g. the kernels found:
-    :func:`~.dispatch.resolve_backend` caches its answer per arguments and every backend's ``state()``.
     """
 
     name: str
@@ -28,7 +26,6 @@ class Backend:
     unavailable_reason: Callable[[torch.device, torch.dtype | None, dict], str | None]
     train_reason: Callable[[torch.device], str | None]
     help: str
-    state: Callable[[], Hashable] = tuple  # () : availability depends on the arguments only
 
 
 def as_layout(layout, mask: str | None = None) -> AnchorLayout:

@@ -25,50 +25,20 @@ def _log_once(msg: str) -> None:
         logger.info(msg)
 
 
-# auto's answers: key (device, dtype, options, every backend's state()) -> (name, the reasons logged on the way).
-# Bounded: a caller passing a fresh object per call (a tensor softcap) only costs walks.
-_resolved: dict[tuple, tuple[str, tuple[str, ...]]] = {}
-_RESOLVED_MAX = 256
-
-
 def resolve_backend(
     backend: str, device: torch.device, *, softcap=None, dropout=0.0, needs_grad=True, sliding_window=None, dtype=None,
     head_dim=None,
 ) -> str:
-    """The concrete backend name ``backend`` means on ``device`` for these options.
-
-    ``auto`` walks the registry once per distinct (device, dtype, options, backends' ``state()``) and caches the
-    answer (this runs every layer); a backend whose availability reads runtime state declares it in ``state()``, so
-    a kernel installed or swapped is a new key. The reasons are still logged once per message."""
+    """The concrete backend name ``backend`` means on ``device`` for these options."""
     if check_backend(backend) != "auto":
         return backend
-    key = (device, dtype, softcap, dropout, needs_grad, sliding_window, head_dim, tuple(b.state() for b in REGISTRY))
-    try:
-        hit = _resolved.get(key)
-    except TypeError:  # an unhashable option: walk every time
-        key, hit = None, None
-    if hit is None:
-        options = dict(softcap=softcap, dropout=dropout, needs_grad=needs_grad, sliding_window=sliding_window,
-                       head_dim=head_dim)
-        hit = _walk(device, dtype, options)
-        if key is not None:
-            if len(_resolved) >= _RESOLVED_MAX:
-                _resolved.clear()
-            _resolved[key] = hit
-    name, reasons = hit
-    for msg in reasons:
-        _log_once(msg)
-    return name
-
-
-def _walk(device: torch.device, dtype, options: dict) -> tuple[str, tuple[str, ...]]:
-    """``auto`` uncached: the first backend of the registry that can run, and why each one before it cannot."""
-    reasons = []
+    options = dict(softcap=softcap, dropout=dropout, needs_grad=needs_grad, sliding_window=sliding_window,
+                   head_dim=head_dim)
     for b in REGISTRY:
         why = b.unavailable_reason(device, dtype, options)
         if why is None:
-            return b.name, tuple(reasons)
-        reasons.append(f"anchorcontext: {b.name} backend off: {why}")
+            return b.name
+        _log_once(f"anchorcontext: {b.name} backend off: {why}")
     raise ValueError(f"no attention backend can run on {device} with {options}")  # unreachable: reference always runs
 
 

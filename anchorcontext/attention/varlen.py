@@ -217,6 +217,5 @@ BACKEND = Backend(
         device, options.get("softcap"), options.get("dropout", 0.0), options.get("sliding_window"), dtype
     ),
     train_reason=lambda device: "needs CUDA" if device.type != "cuda" else unavailable_reason(device),
-    state=lambda: (_KERNEL_OVERRIDE, flash_varlen_kernel(), torch_varlen_func()),  # the kernels found (cached calls)
     help="flash-attn or torch varlen_attn on gathered [anchor] + document K/V: CUDA, float16/bfloat16",
 )
