@@ -25,7 +25,7 @@ import torch
 from golden_masks import GOLDEN, GOLDEN_WINDOW3, golden_ids, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layout import doc_id_batches
+from layouts import doc_id_batches
 
 from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import (
