@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packing_oracles import ANCHOR, IGNORE, PAD, VOCAB, corpus, expected_labels, stripped
+from repo_scripts import load_script
 
 from anchorcontext import AnchorCollator, DocumentPacker, pack_documents
 from anchorcontext.packing import doc_ids_from_lens, position_ids_from_lens
@@ -328,13 +329,7 @@ def test_bad_positions_value_for_helpers():
 
 def test_packing_benchmark_smoke(tmp_path):
     """benchmarks/packing.py runs end to end on a tiny corpus and reports consistent figures."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "packing.py"
-    spec = importlib.util.spec_from_file_location("packing_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/packing.py")
     out_file = tmp_path / "packing.json"
     out = bench.main(["--seq-len", "512", "--tokens", "20000", "--mean-doc", "100", "--batch-sizes", "1,4",
                       "--repeats", "1", "--out", str(out_file)])
