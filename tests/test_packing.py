@@ -291,6 +291,33 @@ def test_bad_token_ids(doc, kw, match):
         pack_documents([[2, 3], doc], seq_len=8, anchor_id=1, **kw)
 
 
+def test_document_token_ids_follow_the_int_array_rule():
+    """One rule for integral ids (layout.int_array): a document token 6.0 packs as 6, through iter_rows and
+    Dataset.map alike, as the collator reads it in a row; 6.5 is refused with int_array's message naming the
+    document and the position, as the collator refuses it naming the feature and the position."""
+    from anchorcontext.layout import int_array
+
+    ints, floats, fractional = [5, 6, 7], [5, 6.0, 7], [5, 6.5, 7]
+    packer = DocumentPacker(seq_len=8, anchor_id=ANCHOR, pad_id=PAD)
+    want = list(packer.iter_rows([[2, 3], ints]))
+    assert list(packer.iter_rows([[2, 3], floats])) == want
+    assert packer({"input_ids": [[2, 3], floats]}) == packer({"input_ids": [[2, 3], ints]})
+    collator = AnchorCollator(anchor_id=ANCHOR, pad_id=PAD)
+    row = want[0]["input_ids"]
+    as_float = [float(t) for t in row]
+    assert torch.equal(collator([{"input_ids": as_float, "doc_lens": [2, 3]}])["input_ids"],
+                       collator([{"input_ids": row, "doc_lens": [2, 3]}])["input_ids"])
+
+    with pytest.raises(ValueError) as int_rule:
+        int_array(fractional, "document 1")
+    assert str(int_rule.value) == "document 1[1] = 6.5 is not an integer"
+    with pytest.raises(ValueError) as packing:
+        list(packer.iter_rows([[2, 3], fractional]))
+    assert str(packing.value) == str(int_rule.value)
+    with pytest.raises(ValueError, match=r"^feature 0: input_ids\[4\] = 6.5 is not an integer$"):
+        collator([{"input_ids": row[:4] + [6.5] + row[5:], "doc_lens": [2, 3]}])
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
