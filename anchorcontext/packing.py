@@ -92,6 +92,9 @@ class PackStats:
 class DocumentPacker:
     """Greedy in-order packer. Callable on a ``datasets`` batch (``map(batched=True)``).
 
+    Token ids are read by :func:`int_array`, as the collator reads them: an integral float (``6.0``) is the id
+    ``6``; a fraction or a bool raises a ValueError naming the document and the position.
+
     Args:
         seq_len: row length including the anchor (>= 2).
         anchor_id: token id of the anchor (use :func:`anchor_token_id`).
@@ -137,13 +140,8 @@ class DocumentPacker:
 
     # -- core ---------------------------------------------------------------------------------
     def _check_doc(self, doc, i: int) -> np.ndarray:
-        arr = np.asarray(doc)
-        if arr.ndim != 1:
-            raise ValueError(f"document {i} must be a flat list of token ids, got shape {arr.shape}")
+        arr = int_array(doc, f"document {i}")  # the collator's rule: 6.0 is 6; 6.5 and bools are refused, never cast
         if arr.size:
-            if arr.dtype.kind not in "iu":  # floats / bools / strings are not token ids (no silent truncation)
-                raise ValueError(f"document {i} must hold integer token ids, got dtype {arr.dtype} (e.g. {arr[0]!r})")
-            arr = arr.astype(np.int64, copy=False)
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
                 bad = lo if lo < 0 else hi

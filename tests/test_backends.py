@@ -22,10 +22,17 @@ import logging
 import flash_standin
 import pytest
 import torch
+from backend_oracle import CASES, L, check_against_oracle, doc_ids, err, make_qkv, row, run
 from golden_masks import GOLDEN, GOLDEN_WINDOW3, golden_ids, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layout import doc_id_batches
+from layouts import doc_id_batches
+from torch_varlen_fakes import (
+    fake_cuda_torch_varlen,  # noqa: F401  (a fixture; tests/test_varlen_merge.py imports it from here)
+    torch_2_10_varlen,
+    torch_2_11_varlen,
+    torch_2_12_varlen,
+)
 
 from anchorcontext import AnchorLayout, anchor_attention
 from anchorcontext.attention import (
@@ -46,89 +53,11 @@ from anchorcontext.attention.varlen import gather_rows
 
 dispatch_module = importlib.import_module("anchorcontext.attention.dispatch")
 
-L = 61  # odd, not a multiple of any block size
 MODES = ("anchor", "intra_doc", "full")
-EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
-
-
-def row(lengths: list[int], length: int) -> list[int]:
-    ids = [0]
-    for d, n in enumerate(lengths, start=1):
-        ids += [d] * n
-    assert len(ids) <= length, (lengths, length)
-    return ids + [-1] * (length - len(ids))
-
-
-# Each case: a function of the row length giving one list of document lengths per row.
-CASES = {
-    "odd_lengths": lambda n: [[7, 13, 5, 21, 9]],
-    "one_token_docs": lambda n: [[1, 1, 3, 1, 1, 2, 1, 17, 1, 1, 5]],
-    "single_doc": lambda n: [[n - 1]],
-    "many_docs": lambda n: [[1] * 50 + [2, 3, 1, 2, n - 59]],  # 55 documents, no padding
-    "trailing_padding": lambda n: [[10, 20]],
-    "batch_mixed": lambda n: [[7, 13, 5, 21, 9], [n - 1], [], [1] * 30 + [n - 31]],  # row 2: no document
-}
-
-
-def doc_ids(case: str, length: int = L) -> torch.Tensor:
-    return torch.tensor([row(lens, length) for lens in CASES[case](length)])
-
-
-def make_qkv(B, H, Hkv, n, D, dtype):
-    q = torch.randn(B, H, n, D).to(dtype)
-    k = torch.randn(B, Hkv, n, D).to(dtype)
-    v = torch.randn(B, Hkv, n, D).to(dtype)
-    return q, k, v
-
-
-def run(fn, q, k, v, layout, dout=None, **kw):
-    """Output and, when ``dout`` is given, (dq, dk, dv) for ``fn``."""
-    q, k, v = (t.detach().requires_grad_(dout is not None) for t in (q, k, v))
-    out = fn(q, k, v, layout, **kw)
-    if dout is None:
-        return out.detach(), None
-    grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
-    return out.detach(), grads
-
-
-def ref64(q, k, v, layout, **kw):
-    return reference_attention(q, k, v, layout, compute_dtype=torch.float64, **kw)
-
-
-def ref_same_dtype(q, k, v, layout, **kw):
-    return reference_attention(q, k, v, layout, compute_dtype=q.dtype, **kw)
 
 
 def reference32(q, k, v, layout, **kw):
     return reference_attention(q, k, v, layout, compute_dtype=torch.float32, **kw)
-
-
-def err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def check_against_oracle(fn, q, k, v, layout, *, grad=True, **kw):
-    """Assert the flash-attn style bound on the output and (optionally) dq, dk, dv."""
-    dtype = q.dtype
-    dout = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if grad else None
-    out64, g64 = run(ref64, q.double(), k.double(), v.double(), layout, dout, **kw)
-    out_pt, g_pt = run(ref_same_dtype, q, k, v, layout, dout, **kw)
-    if grad:
-        out, g = run(fn, q, k, v, layout, dout, **kw)
-    else:
-        with torch.no_grad():
-            out, g = run(fn, q, k, v, layout, None, **kw)
-    assert out.shape == out64.shape and out.dtype == dtype
-    assert torch.isfinite(out).all()
-    names = ["out"] + (["dq", "dk", "dv"] if grad else [])
-    fast = [out] + (list(g) if grad else [])
-    pt = [out_pt] + (list(g_pt) if grad else [])
-    exact = [out64] + (list(g64) if grad else [])
-    for name, f, p, x in zip(names, fast, pt, exact):
-        assert f.shape == x.shape, name
-        e_fast, e_pt = err(f, x), err(p, x)
-        m = 2 if name == "out" else 3
-        assert e_fast <= m * e_pt + EPS[dtype], f"{name}: err {e_fast:.3g} > {m} * {e_pt:.3g} + {EPS[dtype]}"
 
 
 @pytest.fixture
@@ -505,53 +434,13 @@ def test_argument_errors():
 
 
 # ------------------------------------------- torch's varlen_attn across versions (signature adaptation)
-# Fakes with the signatures of torch.nn.attention.varlen.varlen_attn in torch 2.10, 2.11 and 2.12+, each
-# computing what torch's kernel computes (flash semantics: causal iff window_size == (-1, 0) from 2.11).
-
-
-def torch_2_10_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-    assert query.shape[1] == key.shape[1], "torch 2.10 varlen_attn has no GQA"
-    return flash_standin.flash_attn_varlen_func(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
-
-
-def torch_2_11_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                      window_size=(-1, -1)):
-    assert query.shape[1] == key.shape[1], "torch 2.11 varlen_attn has no GQA"
-    return flash_standin.flash_attn_varlen_func(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
-        causal=window_size == (-1, 0), window_size=tuple(window_size),
-    )
-
-
-def torch_2_12_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-    assert enable_gqa or query.shape[1] == key.shape[1]
-    return flash_standin.flash_attn_varlen_func(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
-        causal=window_size == (-1, 0), window_size=tuple(window_size),
-    )
-
-
-@pytest.fixture
-def fake_cuda_torch_varlen(monkeypatch):
-    """Route varlen_attention to a fake torch varlen_attn on CPU, with the real availability checks
-    evaluated as if on CUDA (flash-attn absent)."""
-    monkeypatch.setattr(varlen, "_KERNEL_OVERRIDE", None)
-    monkeypatch.setattr(varlen, "flash_varlen_kernel", lambda: (None, "flash-attn not importable (test)"))
-    real = varlen.unavailable_reason
-    monkeypatch.setattr(varlen, "unavailable_reason", lambda device, *a: real(torch.device("cuda"), *a))
-
-    def use(fn):
-        monkeypatch.setattr(varlen, "torch_varlen_func", lambda: (fn, "torch"))
-
-    return use
 
 
 @pytest.mark.parametrize("option", ["plain", "scaling", "gqa", "window3"])
 @pytest.mark.parametrize(
     "fake", [torch_2_10_varlen, torch_2_11_varlen, torch_2_12_varlen], ids=["2.10", "2.11", "2.12"]
 )
-def test_torch_varlen_signatures(fake, option, fake_cuda_torch_varlen):
+def test_torch_varlen_signatures(fake, option, fake_cuda_torch_varlen):  # noqa: F811
     fake_cuda_torch_varlen(fake)
     kw = {"plain": {}, "scaling": dict(scaling=0.37), "gqa": {}, "window3": dict(sliding_window=3)}[option]
     H, Hkv = (4, 2) if option == "gqa" else (4, 4)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from repo_scripts import load_script
 
 from anchorcontext import bench
 from anchorcontext.layout import MASKS, AnchorLayout, dense_mask
@@ -120,14 +121,7 @@ def test_flex_check_reports_build_time_and_fractions():
 def test_attention_benchmark_smoke(tmp_path):
     """benchmarks/attention.py runs end to end (tiny sizes, both q/k/v layouts) and its per-length summary is
     the mean / min / max of the rows' own fractions."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
-    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/attention.py")
     for layout in ("blhd", "bhld"):
         out_file = tmp_path / f"att_{layout}.json"
         rc = bench.main(["--lengths", "96,128", "--seeds", "0,1,2", "--heads", "2", "--head-dim", "8", "--mean-doc", "20",

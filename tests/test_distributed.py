@@ -131,11 +131,9 @@ def test_trainer_stock_sp_loss_is_not_token_weighted_across_micro_batches(tmp_pa
 @needs_ds
 def test_ulysses_wrapper_p1_cpu_matches_plain():
     """The P=1 plumbing check of tests/gpu/test_sp_gpu.py (run there with varlen and flex on CUDA), on CPU/sdpa."""
-    import importlib.util
+    from repo_scripts import load_script
 
-    spec = importlib.util.spec_from_file_location("sp_gpu", os.path.join(ROOT, "tests", "gpu", "test_sp_gpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tests/gpu/test_sp_gpu.py")
     r = mod.run_case("cpu", "sdpa", "float32")
     mod.check_result(r)
     assert r["sp_vs_base_logits"] == 0.0, r  # identity all-to-all, same kernel: bit-exact

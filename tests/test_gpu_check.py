@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(rel: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from repo_scripts import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load("benchmarks/attention.py", "attention_benchmark_gpu_check")
+    return load_script("benchmarks/attention.py")
 
 
 def test_attention_benchmark_masks_and_flex_variants(bench, tmp_path, monkeypatch):
@@ -67,7 +57,7 @@ def test_attention_benchmark_argument_errors(bench, argv, message):
 
 
 def test_merge_bench_json(tmp_path):
-    merge = load("scripts/merge_bench_json.py", "merge_bench_json")
+    merge = load_script("scripts/merge_bench_json.py")
     a, b, missing = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "none.json"
     a.write_text(json.dumps({"config": {"x": 1}, "results": [{"r": 1}], "summary": [{"s": 1}]}))
     b.write_text(json.dumps({"config": {"x": 2}, "results": [{"r": 2}, {"r": 3}], "summary": []}))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_patch import VOCAB, make_model
+from tiny_models import VOCAB, make_model
 
 import anchorcontext as ac
 

@@ -14,6 +14,7 @@ import torch
 from golden_masks import GOLDEN, GOLDEN_DOC_IDS, GOLDEN_WINDOW3, golden_ids, parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from layouts import doc_id_batches
 
 from anchorcontext import AnchorLayout, dense_mask
 from anchorcontext.layout import validate_doc_ids
@@ -207,23 +208,6 @@ def test_mask_mod_is_the_dense_mask_pointwise(mode, window):
 
 
 # ------------------------------------------------------------------------------------ property tests
-
-
-@st.composite
-def doc_id_batches(draw, max_rows=3, max_len=24):
-    """Valid ``(B, L)`` doc ids: anchor, documents of random lengths >= 1, trailing padding."""
-    B = draw(st.integers(1, max_rows))
-    L = draw(st.integers(1, max_len))
-    rows = []
-    for _ in range(B):
-        row = [0]
-        n_real = draw(st.integers(0, L - 1))
-        doc = 0
-        while len(row) < 1 + n_real:
-            doc += 1
-            row += [doc] * min(draw(st.integers(1, 8)), 1 + n_real - len(row))
-        rows.append(row + [-1] * (L - len(row)))
-    return torch.tensor(rows)
 
 
 def mask_from_varlen(lay: AnchorLayout, window: int | None) -> torch.Tensor:

@@ -11,61 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tiny_models import ANCHOR, FAMILIES, PAD, VOCAB, make_model
+from tiny_models import config_kwargs as _common
 
 import anchorcontext as ac
 from anchorcontext.patches import ATTN_NAME, ATTN_NAME_EAGER, patch_state
 
-VOCAB = 101
-ANCHOR, PAD = 1, 0
 LENS = [[5, 3, 7], [1, 10, 2, 2]]  # row 0 is padded by 1 token (L = 17)
 L = 17
-
-
-def _common(**kw):
-    base = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=ANCHOR, pad_token_id=PAD, eos_token_id=2,
-        head_dim=8,
-    )
-    base.update(kw)
-    return base
-
-
-def make_model(family: str, attn: str = "sdpa"):
-    torch.manual_seed(0)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(**_common())
-        cls = transformers.LlamaForCausalLM
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(**_common())
-        cls = transformers.Qwen2ForCausalLM
-    elif family == "qwen3":
-        cfg = transformers.Qwen3Config(**_common())
-        cls = transformers.Qwen3ForCausalLM
-    elif family == "mistral":
-        # a window shorter than the documents, so the sliding window really bites
-        cfg = transformers.MistralConfig(**_common(sliding_window=4))
-        cls = transformers.MistralForCausalLM
-    elif family == "gemma2":
-        cfg = transformers.Gemma2Config(
-            **_common(sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
-        )
-        cls = transformers.Gemma2ForCausalLM
-    elif family == "gemma3":
-        cfg = transformers.Gemma3TextConfig(
-            **_common(sliding_window=4, query_pre_attn_scalar=12, num_hidden_layers=3,
-                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-        )
-        cls = transformers.Gemma3ForCausalLM
-    else:
-        raise AssertionError(family)
-    cfg._attn_implementation = attn
-    model = cls(cfg).eval()
-    model.config.use_cache = False
-    return model
-
-
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"]
 
 
 def packed_batch(mask="anchor", positions="continuous", seed=0):
