@@ -63,25 +63,29 @@ def check_positions(positions: str) -> str:
 
 
 def int_array(values, name: str) -> np.ndarray:
-    """``values`` (a list, array or tensor of integers) as a 1-D int64 array; a non-integral value (``5.7``) or a
-    bool raises ``ValueError`` naming ``name`` and the position, never a silent cast."""
+    """``values`` (a list, array or tensor of integers) as a 1-D int64 array; a non-integral value (``5.7``), a
+    bool, text (``"5"``) or a value outside int64 (``inf``, ``2**63``) raises ``ValueError`` naming ``name`` and
+    the position, never a silent cast."""
     if hasattr(values, "detach"):  # a torch tensor
         values = values.detach().cpu().numpy()
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a flat list of integers, got shape {arr.shape}")
-    if arr.dtype.kind == "b" or (isinstance(values, list | tuple) and any(type(v) is bool for v in values)):
+    if arr.dtype.kind == "b" or (isinstance(values, list | tuple) and bool in set(map(type, values))):
         raise ValueError(f"{name} must hold integers, got bool")
+    if arr.dtype.kind not in "iuf":  # text, bytes, objects (None, ints beyond 64 bits)
+        raise ValueError(f"{name} must hold integers, got {arr.dtype} values (e.g. {arr[0]!r})")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        i = int(np.argmax(arr > np.iinfo(np.int64).max))
+        raise ValueError(f"{name}[{i}] = {int(arr[i])} is outside int64")
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64, copy=False)
-    try:
-        num = arr.astype(np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must hold integers, got {arr.dtype} values (e.g. {arr[0]!r})") from None
-    bad = np.nonzero(num != np.round(num))[0]
+    num = arr.astype(np.float64)
+    bad = np.nonzero(~np.isfinite(num) | (num != np.round(num)) | (np.abs(num) >= 2.0**63))[0]
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name}[{i}] = {float(num[i]):g} is not an integer")
+        what = "is not an integer" if np.isfinite(num[i]) and num[i] != np.round(num[i]) else "is not an int64 integer"
+        raise ValueError(f"{name}[{i}] = {float(num[i]):g} {what}")
     return num.astype(np.int64)
 
 
