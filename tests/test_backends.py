@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layouts import doc_id_batches
 from torch_varlen_fakes import (
-    fake_cuda_torch_varlen,  # noqa: F401  (a fixture; tests/test_varlen_merge.py imports it from here)
+    fake_cuda_torch_varlen,  # noqa: F401  (a fixture)
     torch_2_10_varlen,
     torch_2_11_varlen,
     torch_2_12_varlen,

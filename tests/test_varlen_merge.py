@@ -12,13 +12,9 @@ import flash_standin
 import pytest
 import torch
 import varlen_kernel_standin
-from test_backends import (
-    CASES,
-    L,
-    check_against_oracle,
-    doc_ids,
+from backend_oracle import CASES, L, check_against_oracle, doc_ids, make_qkv
+from torch_varlen_fakes import (
     fake_cuda_torch_varlen,  # noqa: F401  (a fixture)
-    make_qkv,
     torch_2_12_varlen,
 )
 
