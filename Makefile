@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.anchorcontext-installed
 
-.PHONY: venv demo test bench gpu-check gpu-wheels lint clean
+.PHONY: venv demo test test-oldest bench gpu-check gpu-wheels lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Hugging Face integration on the oldest transformers the project supports (pyproject: >=5.0), in its own venv:
+# the cache argument's name, how a model on eager finds its attention function and TRL differ across 5.x.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS ?= transformers==5.0.0
+OLDEST_TESTS ?= tests/test_patch.py tests/test_hf_packing.py tests/test_trl.py tests/test_trainer.py
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)'.split('==')[1], transformers.__version__"
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
 bench: $(STAMP)
 	$(PY) -m anchorcontext bench $(ARGS)
@@ -47,4 +59,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check anchorcontext tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) runs .pytest_cache
