@@ -206,6 +206,9 @@ def _attention_modules(model) -> list:
     return [m for name, m in model.named_modules() if name.endswith("self_attn")]
 
 
+POSITION_POLICIES = ("either", "continuous", "reset", "other")  # RunRecorder's device counters, in this order
+
+
 class RunRecorder(TrainerCallback):
     """A ``TrainerCallback`` that records what a training run actually did (see the module docstring).
 
@@ -213,14 +216,19 @@ class RunRecorder(TrainerCallback):
     ``input_ids`` and ``labels`` (position ids differ by design between ``*_reset`` and the others). ``masks`` / ``positions``: counts of the ``anchor_layout.mask``
     and of the position policy the ``position_ids`` follow (``continuous``, ``reset``, or ``either`` for a batch
     of one-document rows, where both agree) seen by attention modules.
+
+    The position policy is counted on the device (no host sync per attention call) and read once, by
+    :attr:`positions`; the layers of one forward share ``position_ids`` and layout, so it is compared once.
     """
 
     def __init__(self):
         self.initial_weights: str | None = None
         self.batches: list[str] = []
         self.masks: Counter = Counter()
-        self.positions: Counter = Counter()
         self.attention_calls = 0
+        self._unknown_positions = 0
+        self._counts: dict[torch.device, torch.Tensor] = {}  # device -> (len(POSITION_POLICIES),) int64
+        self._last: tuple | None = None  # (position_ids, layout, one-hot policy) of the current forward
         self._handles: list = []
 
     def on_train_begin(self, args, state, control, model=None, **kw):
@@ -233,8 +241,10 @@ class RunRecorder(TrainerCallback):
             self._handles.append(m.register_forward_pre_hook(self._attention_hook, with_kwargs=True))
 
     def _batch_hook(self, module, args, kwargs):
-        if module.training and kwargs.get("input_ids") is not None:
-            self.batches.append(_sha(*(kwargs[k] for k in ("input_ids", "labels") if k in kwargs)))
+        if module.training:
+            self._last = None
+            if kwargs.get("input_ids") is not None:
+                self.batches.append(_sha(*(kwargs[k] for k in ("input_ids", "labels") if k in kwargs)))
 
     def _attention_hook(self, module, args, kwargs):
         if not module.training:
@@ -244,20 +254,42 @@ class RunRecorder(TrainerCallback):
         self.masks[getattr(layout, "mask", "none (no anchor_layout)")] += 1
         pos = kwargs.get("position_ids")
         if pos is None or layout is None:
-            self.positions["unknown"] += 1
+            self._unknown_positions += 1
             return
-        from .collator import position_ids_for
+        if self._last is not None and self._last[0] is pos and self._last[1] is layout:
+            hot = self._last[2]
+        else:
+            from .collator import position_ids_for
 
-        doc_ids = layout.doc_ids.to(pos.device)
-        cont = bool((pos == position_ids_for(doc_ids, "continuous")).all())
-        reset = bool((pos == position_ids_for(doc_ids, "reset")).all())
-        # One document per row: both policies give the same ids.
-        self.positions["either" if cont and reset else "continuous" if cont else "reset" if reset else "other"] += 1
+            doc_ids = layout.doc_ids.to(pos.device)
+            cont = (pos == position_ids_for(doc_ids, "continuous")).all()
+            reset = (pos == position_ids_for(doc_ids, "reset")).all()
+            # index into POSITION_POLICIES; one document per row: both policies give the same ids ("either")
+            policy = (~cont).long() * 2 + (~reset).long()
+            hot = (torch.arange(len(POSITION_POLICIES), device=pos.device) == policy).long()
+            self._last = (pos, layout, hot)
+        counts = self._counts.get(hot.device)
+        if counts is None:
+            counts = self._counts[hot.device] = torch.zeros_like(hot)
+        counts.add_(hot)
+
+    @property
+    def positions(self) -> Counter:
+        """Attention calls per position policy (``unknown``: no ``position_ids`` or no layout); one host copy."""
+        out: Counter = Counter()
+        for counts in self._counts.values():
+            for policy, n in zip(POSITION_POLICIES, counts.tolist()):
+                if n:
+                    out[policy] += n
+        if self._unknown_positions:
+            out["unknown"] += self._unknown_positions
+        return out
 
     def on_train_end(self, args, state, control, **kw):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
 
     def to_dict(self) -> dict:
         return {"initial_weights": self.initial_weights, "batches": list(self.batches),
