@@ -18,8 +18,8 @@ when present) a difference is called a direction only when it exceeds the seed-t
 otherwise the cell says ``~`` (within seed spread) or ``?`` (one seed: spread unknown). See docs/ablation.md.
 
 A finished run (``<out>/runs/<run>/summary.json`` + ``model/``, same configuration) is not retrained, and a
-finished evaluation is not repeated; a run whose stored configuration differs is an error (new ``--out`` or
-``--force``).
+finished evaluation is not repeated (its key holds the evaluation settings and a hash of the evaluated model's
+files); a run whose stored configuration differs is an error (new ``--out`` or ``--force``).
 """
 
 from __future__ import annotations
@@ -199,6 +199,20 @@ def weights_sha(model) -> str:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(_sha(t).encode())
+    return h.hexdigest()[:16]
+
+
+def files_sha(path: str | pathlib.Path) -> str:
+    """A hash of every file under ``path`` (relative names and contents): the identity of a saved model."""
+    root = pathlib.Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        fh = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(fh.digest())
     return h.hexdigest()[:16]
 
 
@@ -631,7 +645,6 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     run_rows: dict[str, list[dict]] = {}
     eval_cfg = {"lengths": lengths, "tasks": rargs0.eval_tasks, "samples": rargs0.eval_samples,
                 "opts": {k: v for k, v in asdict(opts).items() if k not in ("out", "force", "progress", "plots")}}
-    ehash = _config_hash(eval_cfg)
     seed_dependent_base = margs0.model_name_or_path == "tiny" or margs0.from_scratch
     todo: list[tuple[str, str, int | None]] = []
     if opts.base:
@@ -642,6 +655,13 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     for row, name, base_seed in ebar:
         ebar.set_postfix(model=name)
         path = out / "evals" / f"{name}.json"
+        mdir = out / "runs" / name / "model"
+        if base_seed is not None:  # built from the options (+ the files of a local checkpoint)
+            local = [q for q in (margs0.model_name_or_path, margs0.tokenizer_name_or_path) if q and os.path.isdir(q)]
+            evaluated = {"base": _jsonable(vars(margs0)), "seed": base_seed, "files": [files_sha(q) for q in local]}
+        else:  # the saved model's files: a retrained or replaced model is evaluated again
+            evaluated = {"run": runs[name]["config_hash"], "files": files_sha(mdir)}
+        ehash = _config_hash({**eval_cfg, "evaluated": evaluated})
         if path.is_file() and not opts.force:
             stored = json.loads(path.read_text())
             if stored.get("eval_hash") == ehash:
@@ -654,7 +674,6 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
             model, tok, _ = build_model(margs0, seed=base_seed)
             model = model.to(getattr(torch, opts.eval_dtype))
         else:
-            mdir = out / "runs" / name / "model"
             model = AutoModelForCausalLM.from_pretrained(mdir, dtype=getattr(torch, opts.eval_dtype))
             tok = AutoTokenizer.from_pretrained(mdir)
         if torch.cuda.is_available():
@@ -664,7 +683,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
         ev = evaluate_suite(model, tok, lengths=lengths, opts=opts, rargs=rargs0, name=name)
         phase = {"device": _device_of(model), "dtype": opts.eval_dtype, "wall_s": time.perf_counter() - t0,
                  "load_s": t_load}  # fmt: skip
-        ev.update({"model": name, "row": row, "eval_hash": ehash, "phase": phase})
+        ev.update({"model": name, "row": row, "eval_hash": ehash, "evaluated": evaluated, "phase": phase})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ev, indent=1, default=str))
         evals.setdefault(row, []).append(ev)

@@ -242,3 +242,34 @@ def test_recorder_counts_match_a_per_call_recomputation():
     assert got["attention_positions"] == dict(oracle["positions"])
     assert got["attention_masks"] == dict(oracle["masks"]) and got["attention_calls"] == oracle["calls"] == 18
     assert len(got["batches"]) == 6 and got["batches"][1] == got["batches"][5]
+
+
+def test_eval_is_redone_when_the_run_model_changes(tmp_path, monkeypatch):
+    """A stored evaluation belongs to the model it evaluated: after the run's saved model changes (an interrupted
+    --force retrained it, a checkpoint was copied in), the next compare evaluates again instead of reusing it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from anchorcontext import compare as cmp
+
+    evaluated = []
+
+    def fake_suite(model, tokenizer, **kw):
+        evaluated.append(cmp.weights_sha(model))
+        return {"weights": evaluated[-1]}
+
+    monkeypatch.setattr(cmp, "evaluate_suite", fake_suite)
+    opts = _opts(tmp_path, variants=["full"], base=False, plots=False)
+    first = compare(ARGV, opts=opts, config=PRESET)
+    assert len(evaluated) == 1 and first["evals"]["full"][0]["weights"] == evaluated[0]
+    compare(ARGV, opts=opts, config=PRESET)
+    assert len(evaluated) == 1  # same model: the stored evaluation is reused
+    mdir = tmp_path / "runs" / "full-fp32-s0" / "model"
+    model = AutoModelForCausalLM.from_pretrained(mdir)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(mdir)
+    again = compare(ARGV, opts=opts, config=PRESET)
+    assert again["runs"]["full-fp32-s0"]["resumed"]
+    assert len(evaluated) == 2 and evaluated[1] != evaluated[0], "the evaluation of the old model was reused"
+    assert again["evals"]["full"][0]["weights"] == evaluated[1]
