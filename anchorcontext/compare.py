@@ -18,8 +18,8 @@ when present) a difference is called a direction only when it exceeds the seed-t
 otherwise the cell says ``~`` (within seed spread) or ``?`` (one seed: spread unknown). See docs/ablation.md.
 
 A finished run (``<out>/runs/<run>/summary.json`` + ``model/``, same configuration) is not retrained, and a
-finished evaluation is not repeated; a run whose stored configuration differs is an error (new ``--out`` or
-``--force``).
+finished evaluation is not repeated (its key holds the evaluation settings and a hash of the evaluated model's
+files); a run whose stored configuration differs is an error (new ``--out`` or ``--force``).
 """
 
 from __future__ import annotations
@@ -202,8 +202,25 @@ def weights_sha(model) -> str:
     return h.hexdigest()[:16]
 
 
+def files_sha(path: str | pathlib.Path) -> str:
+    """A hash of every file under ``path`` (relative names and contents): the identity of a saved model."""
+    root = pathlib.Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        fh = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(fh.digest())
+    return h.hexdigest()[:16]
+
+
 def _attention_modules(model) -> list:
     return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+
+
+POSITION_POLICIES = ("either", "continuous", "reset", "other")  # RunRecorder's device counters, in this order
 
 
 class RunRecorder(TrainerCallback):
@@ -213,14 +230,19 @@ class RunRecorder(TrainerCallback):
     ``input_ids`` and ``labels`` (position ids differ by design between ``*_reset`` and the others). ``masks`` / ``positions``: counts of the ``anchor_layout.mask``
     and of the position policy the ``position_ids`` follow (``continuous``, ``reset``, or ``either`` for a batch
     of one-document rows, where both agree) seen by attention modules.
+
+    The position policy is counted on the device (no host sync per attention call) and read once, by
+    :attr:`positions`; the layers of one forward share ``position_ids`` and layout, so it is compared once.
     """
 
     def __init__(self):
         self.initial_weights: str | None = None
         self.batches: list[str] = []
         self.masks: Counter = Counter()
-        self.positions: Counter = Counter()
         self.attention_calls = 0
+        self._unknown_positions = 0
+        self._counts: dict[torch.device, torch.Tensor] = {}  # device -> (len(POSITION_POLICIES),) int64
+        self._last: tuple | None = None  # (position_ids, layout, one-hot policy) of the current forward
         self._handles: list = []
 
     def on_train_begin(self, args, state, control, model=None, **kw):
@@ -233,8 +255,10 @@ class RunRecorder(TrainerCallback):
             self._handles.append(m.register_forward_pre_hook(self._attention_hook, with_kwargs=True))
 
     def _batch_hook(self, module, args, kwargs):
-        if module.training and kwargs.get("input_ids") is not None:
-            self.batches.append(_sha(*(kwargs[k] for k in ("input_ids", "labels") if k in kwargs)))
+        if module.training:
+            self._last = None
+            if kwargs.get("input_ids") is not None:
+                self.batches.append(_sha(*(kwargs[k] for k in ("input_ids", "labels") if k in kwargs)))
 
     def _attention_hook(self, module, args, kwargs):
         if not module.training:
@@ -244,20 +268,42 @@ class RunRecorder(TrainerCallback):
         self.masks[getattr(layout, "mask", "none (no anchor_layout)")] += 1
         pos = kwargs.get("position_ids")
         if pos is None or layout is None:
-            self.positions["unknown"] += 1
+            self._unknown_positions += 1
             return
-        from .collator import position_ids_for
+        if self._last is not None and self._last[0] is pos and self._last[1] is layout:
+            hot = self._last[2]
+        else:
+            from .collator import position_ids_for
 
-        doc_ids = layout.doc_ids.to(pos.device)
-        cont = bool((pos == position_ids_for(doc_ids, "continuous")).all())
-        reset = bool((pos == position_ids_for(doc_ids, "reset")).all())
-        # One document per row: both policies give the same ids.
-        self.positions["either" if cont and reset else "continuous" if cont else "reset" if reset else "other"] += 1
+            doc_ids = layout.doc_ids.to(pos.device)
+            cont = (pos == position_ids_for(doc_ids, "continuous")).all()
+            reset = (pos == position_ids_for(doc_ids, "reset")).all()
+            # index into POSITION_POLICIES; one document per row: both policies give the same ids ("either")
+            policy = (~cont).long() * 2 + (~reset).long()
+            hot = (torch.arange(len(POSITION_POLICIES), device=pos.device) == policy).long()
+            self._last = (pos, layout, hot)
+        counts = self._counts.get(hot.device)
+        if counts is None:
+            counts = self._counts[hot.device] = torch.zeros_like(hot)
+        counts.add_(hot)
+
+    @property
+    def positions(self) -> Counter:
+        """Attention calls per position policy (``unknown``: no ``position_ids`` or no layout); one host copy."""
+        out: Counter = Counter()
+        for counts in self._counts.values():
+            for policy, n in zip(POSITION_POLICIES, counts.tolist()):
+                if n:
+                    out[policy] += n
+        if self._unknown_positions:
+            out["unknown"] += self._unknown_positions
+        return out
 
     def on_train_end(self, args, state, control, **kw):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
 
     def to_dict(self) -> dict:
         return {"initial_weights": self.initial_weights, "batches": list(self.batches),
@@ -599,7 +645,6 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     run_rows: dict[str, list[dict]] = {}
     eval_cfg = {"lengths": lengths, "tasks": rargs0.eval_tasks, "samples": rargs0.eval_samples,
                 "opts": {k: v for k, v in asdict(opts).items() if k not in ("out", "force", "progress", "plots")}}
-    ehash = _config_hash(eval_cfg)
     seed_dependent_base = margs0.model_name_or_path == "tiny" or margs0.from_scratch
     todo: list[tuple[str, str, int | None]] = []
     if opts.base:
@@ -610,6 +655,13 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
     for row, name, base_seed in ebar:
         ebar.set_postfix(model=name)
         path = out / "evals" / f"{name}.json"
+        mdir = out / "runs" / name / "model"
+        if base_seed is not None:  # built from the options (+ the files of a local checkpoint)
+            local = [q for q in (margs0.model_name_or_path, margs0.tokenizer_name_or_path) if q and os.path.isdir(q)]
+            evaluated = {"base": _jsonable(vars(margs0)), "seed": base_seed, "files": [files_sha(q) for q in local]}
+        else:  # the saved model's files: a retrained or replaced model is evaluated again
+            evaluated = {"run": runs[name]["config_hash"], "files": files_sha(mdir)}
+        ehash = _config_hash({**eval_cfg, "evaluated": evaluated})
         if path.is_file() and not opts.force:
             stored = json.loads(path.read_text())
             if stored.get("eval_hash") == ehash:
@@ -622,7 +674,6 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
             model, tok, _ = build_model(margs0, seed=base_seed)
             model = model.to(getattr(torch, opts.eval_dtype))
         else:
-            mdir = out / "runs" / name / "model"
             model = AutoModelForCausalLM.from_pretrained(mdir, dtype=getattr(torch, opts.eval_dtype))
             tok = AutoTokenizer.from_pretrained(mdir)
         if torch.cuda.is_available():
@@ -632,7 +683,7 @@ def compare(argv: list[str] | None = None, *, opts: CompareOptions | None = None
         ev = evaluate_suite(model, tok, lengths=lengths, opts=opts, rargs=rargs0, name=name)
         phase = {"device": _device_of(model), "dtype": opts.eval_dtype, "wall_s": time.perf_counter() - t0,
                  "load_s": t_load}  # fmt: skip
-        ev.update({"model": name, "row": row, "eval_hash": ehash, "phase": phase})
+        ev.update({"model": name, "row": row, "eval_hash": ehash, "evaluated": evaluated, "phase": phase})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ev, indent=1, default=str))
         evals.setdefault(row, []).append(ev)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections import Counter
 
 import pytest
 
@@ -178,3 +179,97 @@ def test_compare_presets_parse(name):
     if name == "compare_smollm2_gpu.yaml":  # the paper's RoPE-theta scaling at 16K, evaluated beyond it
         assert (m.model_name_or_path, m.dtype, m.rope_theta, d.seq_len) == ("smollm2", "bfloat16", 1e6, 16384)
         assert max(r.eval_lengths) > d.seq_len and opts.eval_dtype == "bfloat16"
+
+
+def _tiny_patched_llama(layers=3):
+    import torch
+    import transformers
+
+    import anchorcontext as ac
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return ac.patch_model(transformers.LlamaForCausalLM(cfg))
+
+
+def test_recorder_counts_match_a_per_call_recomputation():
+    """The recorder's device-side position counters give exactly what a host comparison on every attention call
+    gives: each policy, a plain forward (no layout), a repeated forward on the same tensors, eval forwards."""
+    import torch
+
+    from anchorcontext import anchor_inputs
+    from anchorcontext.collator import position_ids_for
+    from anchorcontext.compare import RunRecorder
+
+    model = _tiny_patched_llama()
+    oracle = {"masks": Counter(), "positions": Counter(), "calls": 0}
+
+    def per_call(module, args, kwargs):  # the straightforward version: two host syncs per call
+        if not module.training:
+            return
+        oracle["calls"] += 1
+        layout, pos = kwargs.get("anchor_layout"), kwargs.get("position_ids")
+        oracle["masks"][getattr(layout, "mask", "none (no anchor_layout)")] += 1
+        if pos is None or layout is None:
+            oracle["positions"]["unknown"] += 1
+            return
+        cont = bool((pos == position_ids_for(layout.doc_ids, "continuous")).all())
+        reset = bool((pos == position_ids_for(layout.doc_ids, "reset")).all())
+        oracle["positions"]["either" if cont and reset else "continuous" if cont else "reset" if reset else "other"] += 1
+
+    for name, m in model.named_modules():
+        if name.endswith("self_attn"):
+            m.register_forward_pre_hook(per_call, with_kwargs=True)
+    rec = RunRecorder()
+    rec.on_train_begin(None, None, None, model=model)
+    multi = torch.tensor([[0, 1, 1, 1, 2, 2, 3, 3, -1], [0, 1, 1, 2, 2, 2, 2, 2, 2]])
+    single = torch.tensor([[0, 1, 1, 1, 1, 1, -1, -1, -1], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+    ids = torch.randint(3, 64, multi.shape, generator=torch.Generator().manual_seed(0))
+    shifted = anchor_inputs(multi, mask="intra_doc")
+    shifted["position_ids"] = shifted["position_ids"] + 1
+    batches = [anchor_inputs(multi, mask="anchor"), anchor_inputs(multi, mask="intra_doc", positions="reset"),
+               anchor_inputs(single, mask="full"), shifted, {}]
+    model.train()
+    with torch.no_grad():
+        for kw in [*batches, batches[1]]:  # the last repeats the same tensor objects
+            model(input_ids=ids, **kw)
+        model.eval()
+        model(input_ids=ids, **batches[0])  # not a training forward: not counted
+    rec.on_train_end(None, None, None)
+    got = rec.to_dict()
+    assert oracle["positions"] == Counter(either=3, continuous=3, reset=6, other=3, unknown=3)  # 3 layers a forward
+    assert got["attention_positions"] == dict(oracle["positions"])
+    assert got["attention_masks"] == dict(oracle["masks"]) and got["attention_calls"] == oracle["calls"] == 18
+    assert len(got["batches"]) == 6 and got["batches"][1] == got["batches"][5]
+
+
+def test_eval_is_redone_when_the_run_model_changes(tmp_path, monkeypatch):
+    """A stored evaluation belongs to the model it evaluated: after the run's saved model changes (an interrupted
+    --force retrained it, a checkpoint was copied in), the next compare evaluates again instead of reusing it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from anchorcontext import compare as cmp
+
+    evaluated = []
+
+    def fake_suite(model, tokenizer, **kw):
+        evaluated.append(cmp.weights_sha(model))
+        return {"weights": evaluated[-1]}
+
+    monkeypatch.setattr(cmp, "evaluate_suite", fake_suite)
+    opts = _opts(tmp_path, variants=["full"], base=False, plots=False)
+    first = compare(ARGV, opts=opts, config=PRESET)
+    assert len(evaluated) == 1 and first["evals"]["full"][0]["weights"] == evaluated[0]
+    compare(ARGV, opts=opts, config=PRESET)
+    assert len(evaluated) == 1  # same model: the stored evaluation is reused
+    mdir = tmp_path / "runs" / "full-fp32-s0" / "model"
+    model = AutoModelForCausalLM.from_pretrained(mdir)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(mdir)
+    again = compare(ARGV, opts=opts, config=PRESET)
+    assert again["runs"]["full-fp32-s0"]["resumed"]
+    assert len(evaluated) == 2 and evaluated[1] != evaluated[0], "the evaluation of the old model was reused"
+    assert again["evals"]["full"][0]["weights"] == evaluated[1]

@@ -301,6 +301,40 @@ def test_configure_sequence_parallel_wiring(tmp_path, monkeypatch):
     assert model.config._attn_implementation == "anchor" and sp_state(model) is None
 
 
+@pytest.mark.parametrize("stock", ["flash_attention_2", "flex_attention", "kernels-community/fake-attn"])
+@pytest.mark.parametrize("patched", [False, True])
+def test_sp_refuses_a_model_kept_on_another_attention_implementation(stock, patched, monkeypatch):
+    """patch_model keeps a flash / flex / kernels-hub name (its guarded entry runs the anchor forwards); SP would
+    rename the model to anchor_sp, and transformers' flash path reads its kernel from that name, so plain forwards
+    would fail. prepare_model_for_sp refuses such a model and leaves it as it was."""
+    import transformers
+
+    import anchorcontext as ac
+    from anchorcontext.parallel import SP_ATTN_NAME, prepare_model_for_sp, sp_state, unprepare_model_for_sp
+    from anchorcontext.patches import patch_state
+
+    if stock not in transformers.AttentionInterface._global_mapping:  # a kernels-hub name, registered on load
+        monkeypatch.setitem(transformers.AttentionInterface._global_mapping, stock,
+                            transformers.AttentionInterface._global_mapping["sdpa"])  # fmt: skip
+    model = _model(__import__("torch").float32)
+    model.config._attn_implementation = stock  # as from_pretrained(attn_implementation=stock) leaves it
+    if patched:
+        ac.patch_model(model)
+        assert patch_state(model)["name"] == stock
+    with pytest.raises(ValueError, match=rf"attn_implementation {stock!r}.*'sdpa'"):
+        prepare_model_for_sp(model, sp_size=1, group_fn=lambda: None)
+    assert model.config._attn_implementation == stock and sp_state(model) is None
+    assert ac.is_patched(model) == patched
+    # control: the same model on sdpa is prepared
+    if patched:
+        ac.unpatch_model(model)
+    model.set_attn_implementation("sdpa")
+    prepare_model_for_sp(model, sp_size=1, group_fn=lambda: None)
+    assert model.config._attn_implementation == SP_ATTN_NAME
+    unprepare_model_for_sp(model)
+    assert model.config._attn_implementation == "anchor"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # worker side (run by torchrun)
 # --------------------------------------------------------------------------------------------------------------

@@ -108,8 +108,8 @@ def _sp_mask_fn(*args, **kwargs):
 def _causal_mask(query, key):
     """An additive causal ``(1, 1, Lq, Lk)`` mask (bottom-right aligned) for a plain forward under SP.
 
-    The Ulysses wrapper drops 4-D masks; SDPA is causal without one, but eager and flex entries would attend both
-    ways. O(Lq*Lk), built only for plain (non-anchor) forwards of such models (evaluation); sliding windows of the
+    The Ulysses wrapper drops 4-D masks; SDPA is causal without one, but the eager entry would attend both ways.
+    O(Lq*Lk), built only for plain (non-anchor) forwards of eager models (evaluation); sliding windows of the
     stock mask are not reproduced."""
     import torch
 
@@ -134,8 +134,8 @@ def register_sp_attention() -> str:
     if AttentionInterface._global_mapping.get(SP_ATTN_NAME) is None:
 
         def anchor_sp_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
-            # the model's own patched entry ("anchor", "anchor_eager", or the stock name it kept), sent by the SP
-            # pre-hook, so a plain forward runs the fallback the model had (eager for Gemma2's softcap, ...)
+            # the model's own patched entry ("anchor" or "anchor_eager"), sent by the SP pre-hook, so a plain
+            # forward runs the fallback the model had (eager for Gemma2's softcap, ...)
             name = kwargs.pop("anchor_sp_inner", ATTN_NAME)
             inner = AttentionInterface._global_mapping[name]
             layout = kwargs.pop("anchor_sp_layout", None)
@@ -275,11 +275,25 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
     that turns the batch's ``anchor_*`` keys into the global layout (see the module docstring). Call it
     BEFORE DeepSpeed wraps the attention (``register_ulysses``, or accelerate/Trainer ``prepare``).
     ``group_fn`` returns the SP process group (default: DeepSpeed's).
+
+    The model must be on ``sdpa`` or ``eager`` (a ``ValueError`` otherwise): patch_model keeps a FlashAttention,
+    flex or kernels-hub name, but the rename to ``"anchor_sp"`` would break its plain forwards (transformers'
+    flash path reads the kernel from the implementation name). The anchor forwards' kernel is ``backend``.
     """
     from ..patches import ATTN_NAME, _pretrained_root, is_patched, patch_model, patch_state
+    from ..patches.registration import is_anchor_name
 
     root = _pretrained_root(model)
     check_sp_heads(root.config, sp_size)
+    name = (patch_state(model) or {}).get("name", root.config._attn_implementation)
+    if getattr(root, _SP_STATE_ATTR, None) is None and not (is_anchor_name(name) or name in (None, "sdpa", "eager")):
+        raise ValueError(
+            f"sequence parallelism needs a model on sdpa or eager attention, got attn_implementation {name!r}: under "
+            f"SP the model's implementation becomes {SP_ATTN_NAME!r}, and transformers' flash path picks its kernel "
+            "from that name, so plain forwards (evaluation, generation) would fail. Load the model with "
+            "attn_implementation='sdpa' (or 'eager'), or call model.set_attn_implementation('sdpa') before "
+            "patch_model; the anchor forwards run the anchor backend (backend='varlen' or 'flex') either way"
+        )
     if not is_patched(model) or backend != "auto":
         patch_model(model, backend=backend)
     register_sp_attention()
