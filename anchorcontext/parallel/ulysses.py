@@ -105,18 +105,20 @@ def _sp_mask_fn(*args, **kwargs):
     return
 
 
-def _causal_mask(query, key):
-    """An additive causal ``(1, 1, Lq, Lk)`` mask (bottom-right aligned) for a plain forward under SP.
+def _causal_mask(query, key, sliding_window=None):
+    """An additive causal ``(1, 1, Lq, Lk)`` mask (bottom-right aligned) for a plain forward under SP, limited to
+    the layer's ``sliding_window`` (a query sees keys ``q - window < k <= q``, transformers' rule) when it has one.
 
     The Ulysses wrapper drops 4-D masks; SDPA is causal without one, but the eager entry would attend both ways.
-    O(Lq*Lk), built only for plain (non-anchor) forwards of eager models (evaluation); sliding windows of the
-    stock mask are not reproduced."""
+    O(Lq*Lk), built only for plain (non-anchor) forwards of eager models (evaluation)."""
     import torch
 
     q, k = query.shape[-2], key.shape[-2]
-    if q == 1:
+    if q == 1 and not sliding_window:
         return None
     keep = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    if sliding_window:
+        keep &= ~torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q - sliding_window)
     return torch.zeros(q, k, dtype=query.dtype, device=query.device).masked_fill(
         ~keep, torch.finfo(query.dtype).min)[None, None]
 
@@ -140,7 +142,7 @@ def register_sp_attention() -> str:
             inner = AttentionInterface._global_mapping[name]
             layout = kwargs.pop("anchor_sp_layout", None)
             if layout is None and kwargs.get("anchor_layout") is None and attention_mask is None and name != ATTN_NAME:
-                attention_mask = _causal_mask(query, key)
+                attention_mask = _causal_mask(query, key, kwargs.get("sliding_window"))
             if layout is not None:
                 kwargs["anchor_layout"] = layout
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
