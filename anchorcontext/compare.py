@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .assets import sha256_file
 from .layout import MASKS
 from .training.checkpoints import RESUME_MAY_DIFFER, _jsonable
 
@@ -207,12 +208,7 @@ def files_sha(path: str | pathlib.Path) -> str:
     root = pathlib.Path(path)
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        fh = hashlib.sha256()
-        with open(f, "rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                fh.update(chunk)
-        h.update(fh.digest())
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\0".encode())
     return h.hexdigest()[:16]
 
 

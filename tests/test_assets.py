@@ -264,7 +264,7 @@ def test_pinned_hashes_match_the_cached_smollm2_files():
     if not present:
         pytest.skip("SmolLM2 files not cached here")
     for name, pin in present.items():
-        assert assets._sha256(cache / name) == pin, name
+        assert assets.sha256_file(cache / name) == pin, name
 
 
 @pytest.fixture(scope="module")
