@@ -93,7 +93,8 @@ class DocumentPacker:
     """Greedy in-order packer. Callable on a ``datasets`` batch (``map(batched=True)``).
 
     Token ids are read by :func:`int_array`, as the collator reads them: an integral float (``6.0``) is the id
-    ``6``; a fraction or a bool raises a ValueError naming the document and the position.
+    ``6``; a fraction, a bool, text or a value outside int64 raises a ValueError naming the document and the
+    position.
 
     Args:
         seq_len: row length including the anchor (>= 2).
@@ -140,7 +141,7 @@ class DocumentPacker:
 
     # -- core ---------------------------------------------------------------------------------
     def _check_doc(self, doc, i: int) -> np.ndarray:
-        arr = int_array(doc, f"document {i}")  # the collator's rule: 6.0 is 6; 6.5 and bools are refused, never cast
+        arr = int_array(doc, f"document {i}")  # the collator's rule: 6.0 is 6; 6.5, bools, text are refused
         if arr.size:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
