@@ -283,6 +283,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
     flash path reads the kernel from the implementation name). The anchor forwards' kernel is ``backend``.
     """
     from ..patches import ATTN_NAME, _pretrained_root, is_patched, patch_model, patch_state
+    from ..patches.hooks import decoder_of
     from ..patches.registration import is_anchor_name
 
     root = _pretrained_root(model)
@@ -313,7 +314,7 @@ def prepare_model_for_sp(model, *, sp_size: int, backend: str = "auto", disable_
         "gather": True,
         "inner": (patch_state(model) or {}).get("name", ATTN_NAME),
     }
-    state["hook"] = root.base_model.register_forward_pre_hook(
+    state["hook"] = decoder_of(root).register_forward_pre_hook(
         functools.partial(_sp_pre_hook, state), with_kwargs=True, prepend=True
     )
     state["hook_outer"] = root.register_forward_pre_hook(_contiguous_pre_hook, with_kwargs=True)

@@ -21,6 +21,7 @@ import torch
 from ..layout import AnchorLayout
 from .registration import (
     _ANCHOR_FORWARD,
+    _STATE_ATTR,
     ATTN_NAME,
     ATTN_NAME_EAGER,
     PATCHED_KEY,
@@ -28,8 +29,8 @@ from .registration import (
     register,
     skip_stock_mask_in_anchor_forwards,
 )
+from .support import unsupported_reason
 
-_STATE_ATTR = "_anchorcontext_patch"
 HF_PACKING = ("intra_doc", "refuse")
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 passes "cache"; older releases "past_key_values"
@@ -54,6 +55,27 @@ def _pretrained_root(model):
         if isinstance(m, PreTrainedModel):
             return m
     raise ValueError(f"patch_model needs a transformers PreTrainedModel (or a wrapper of one), got {type(model).__name__}")
+
+
+def decoder_chain(root) -> list:
+    """``root.base_model`` (``LlamaModel``), then the one transformers model inside it while that is all it holds
+    (OPT's ``OPTModel`` wraps ``OPTDecoder``, which ``OPTForCausalLM`` calls directly; ``Gemma4Model`` without a
+    vision tower wraps ``Gemma4TextModel``). Every forward of ``root`` goes through the last one, which builds the
+    mask."""
+    from transformers import PreTrainedModel
+
+    chain = [root.base_model]
+    while True:
+        inner = [c for c in chain[-1].children() if isinstance(c, PreTrainedModel)]
+        others = [c for c in chain[-1].children() if not isinstance(c, PreTrainedModel)]
+        if len(inner) != 1 or others:
+            return chain
+        chain.append(inner[0])
+
+
+def decoder_of(root):
+    """The decoder whose forward every forward of ``root`` goes through (the last of :func:`decoder_chain`)."""
+    return decoder_chain(root)[-1]
 
 
 def cache_arg_names(decoder) -> tuple[str, ...]:
@@ -250,11 +272,9 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
         state["backend"] = backend
         state["hf_packing"] = hf_packing
         return model
-    if not root._can_set_attn_implementation() or not getattr(root, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(root).__name__} does not route its attention through transformers' AttentionInterface, so "
-            "anchorcontext cannot patch it"
-        )
+    reason = unsupported_reason(root)
+    if reason is not None:
+        raise ValueError(reason)
     prev = root.config._attn_implementation
     if is_anchor_name(prev):  # loaded with attn_implementation="anchor"
         name, prev = prev, ("eager" if prev == ATTN_NAME_EAGER else "sdpa")
@@ -272,16 +292,17 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
         root.set_attn_implementation(name)
     # Hooks go on the decoder (e.g. LlamaModel): it builds the mask, and wrappers that call the outer
     # ``forward`` directly (PEFT's LoraModel does) still reach it through ``__call__``.
-    decoder = root.base_model
+    decoder = decoder_of(root)
     state = {"prev": prev, "name": name, "backend": backend, "hf_packing": hf_packing,
              "cache_names": cache_arg_names(decoder)}
     state["hooks"] = [
         decoder.register_forward_pre_hook(functools.partial(_pre_hook, state), with_kwargs=True),
         decoder.register_forward_hook(functools.partial(_post_hook, state), with_kwargs=True, always_call=True),
     ]
-    setattr(model, _STATE_ATTR, state)
-    if root is not model:
-        setattr(root, _STATE_ATTR, state)
+    # on every transformers model a forward of ``model`` passes through before the hooked decoder, so their forwards
+    # accept the anchor keys (registration._guard_forward)
+    for m in {id(m): m for m in (model, root, *decoder_chain(root))}.values():
+        setattr(m, _STATE_ATTR, state)
     return model
 
 
@@ -295,7 +316,7 @@ def unpatch_model(model):
     root = _pretrained_root(model)
     if state["prev"] != root.config._attn_implementation:
         root.set_attn_implementation(state["prev"])
-    for m in (model, root):
+    for m in (model, root, *decoder_chain(root)):
         if getattr(m, _STATE_ATTR, None) is state:
             delattr(m, _STATE_ATTR)
     return model

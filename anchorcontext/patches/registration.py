@@ -28,6 +28,7 @@ import sys
 import torch
 
 from ..attention import anchor_attention
+from .support import check_call, missing_layout_error
 
 logger = logging.getLogger("anchorcontext")
 
@@ -82,6 +83,8 @@ def _make_attention_fn(fallback):
                      softcap=None, **kwargs):
         layout = kwargs.get("anchor_layout")
         if layout is None:
+            if not torch.compiler.is_compiling() and _ANCHOR_FORWARD.get():
+                raise missing_layout_error(module)  # the family dropped the forward's kwargs on the way here
             for k in ANCHOR_KEYS:
                 kwargs.pop(k, None)
             return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -92,6 +95,7 @@ def _make_attention_fn(fallback):
                 "anchorcontext: transformers built an attention mask that the anchor forward ignores; call "
                 "anchorcontext.patch_model(model) so it is skipped (it costs O(B*L^2) memory)."
             )
+        check_call(module, kwargs)
         if query.shape[2] != layout.seq_len:
             raise ValueError(
                 f"anchor_layout has length {layout.seq_len} but the attention got {query.shape[2]} query tokens "
@@ -105,7 +109,7 @@ def _make_attention_fn(fallback):
             query, key, value, layout.to(query.device), backend=kwargs.get("anchor_backend", "auto"),
             scaling=scaling, softcap=softcap, sliding_window=sliding_window, dropout=dropout,
         )
-        return out, None
+        return out.contiguous(), None  # as stock SDPA returns it: some families .view() it
 
     attention_fn.__name__ = f"anchor_attention_forward[{fallback.__name__}]"
     return attention_fn
@@ -176,17 +180,51 @@ def is_modeling_module(name: str) -> bool:
     return name.startswith("transformers.models.") and name.rpartition(".")[2].startswith("modeling_")
 
 
+_STATE_ATTR = "_anchorcontext_patch"  # set by patch_model on the model (and its PreTrainedModel root)
+
+
+def _guard_forward(cls) -> None:
+    """Make ``cls.forward`` (a transformers ``PreTrainedModel`` class) refuse ``anchor_*`` keys unless the model is
+    patched: the families that never reach a registry entry or an eager function (Bloom, Falcon, MPT: attention
+    inline) or that drop the forward's kwargs before their layers (Nemotron) would otherwise run them as full
+    attention. A patched model passes: its state is on the outer model, and inner models (OPT's decoder) run
+    inside the anchor forward its decoder's pre-hook opened."""
+    fn = cls.__dict__.get("forward")
+    if fn is None or hasattr(fn, "__wrapped_stock__"):
+        return
+
+    @functools.wraps(fn)
+    def forward(self, *args, **kwargs):
+        if any(k in kwargs for k in ANCHOR_KEYS) and not kwargs.get(PATCHED_KEY) \
+                and getattr(self, _STATE_ATTR, None) is None and not _ANCHOR_FORWARD.get():
+            given = [k for k in ANCHOR_KEYS if k in kwargs]
+            raise ValueError(
+                f"this forward carries {given} but {cls.__name__} is not patched by anchorcontext, so it would ignore "
+                "them and attend across documents; call anchorcontext.patch_model(model) first (it names what is "
+                "missing if the family cannot be supported; see docs/models.md)"
+            )
+        return fn(self, *args, **kwargs)
+
+    forward.__wrapped_stock__ = fn
+    cls.forward = forward
+
+
 def guard_eager_functions(module) -> None:
-    """Wrap the ``*eager_attention_forward`` functions of one modeling module in place (idempotent).
+    """Wrap the ``*eager_attention_forward`` functions of one modeling module in place, and the ``forward`` of
+    each of its model classes (:func:`_guard_forward`; idempotent).
 
     A model on ``eager`` calls them, not a registry entry: ``get_interface(name, eager_attention_forward)`` (or
     ``eager_attention_forward`` itself on transformers < 5.x) reads the module global at call time, so replacing
     the global guards every such call, including families whose call site passes another eager function
     (``vision_``/``simple_``/``text_eager_attention_forward``): each keeps its own function.
     """
+    from transformers import PreTrainedModel
+
     for attr, fn in list(vars(module).items()):
         if attr.endswith("eager_attention_forward") and callable(fn) and not hasattr(fn, "__wrapped_stock__"):
             setattr(module, attr, _make_guard(f"'eager' implementation ({module.__name__}.{attr})", fn))
+        elif isinstance(fn, type) and issubclass(fn, PreTrainedModel) and fn.__module__ == module.__name__:
+            _guard_forward(fn)
 
 
 def guard_stock_attention() -> None:
