@@ -29,7 +29,7 @@ test: $(STAMP)
 # the cache argument's name, how a model on eager finds its attention function and TRL differ across 5.x.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS ?= transformers==5.0.0
-OLDEST_TESTS ?= tests/test_patch.py tests/test_hf_packing.py tests/test_trl.py tests/test_trainer.py
+OLDEST_TESTS ?= tests/test_patch.py tests/test_hf_packing.py tests/test_trl.py tests/test_trainer.py tests/test_zoo.py
 test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)

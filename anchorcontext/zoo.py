@@ -12,8 +12,9 @@ For each entry of transformers' causal-LM auto mapping (``MODEL_FOR_CAUSAL_LM_MA
    position ids) within ``TOL`` in float32: ``"exact"``. Anything else is ``"WRONG"``: accepted and not exact,
    which must never happen (the test asserts it).
 
-``python -m anchorcontext.zoo --write docs/models.md`` writes the support table; ``--check docs/models.md`` fails
-when the file differs from a fresh run (CI runs it through tests/test_zoo.py).
+``python -m anchorcontext.zoo --write docs/models.md`` writes the support table (exit status 1 when a family is
+WRONG); tests/test_zoo.py runs the whole zoo (~35 s on 2 cores) and checks that the table of the installed
+transformers version (``docs/models.md``, or ``docs/models-transformers-<version>.md``) is current.
 """
 
 from __future__ import annotations

@@ -226,6 +226,9 @@ def _sp_pre_hook(state, module, args, kwargs):
         return args, kwargs
     kwargs["anchor_sp_layout"] = layout.to(ref.device)
     kwargs.setdefault("anchor_backend", state["backend"]())
+    patched = getattr(module, "_anchorcontext_patch", None)  # the outer forward checks that the keys got here
+    if patched is not None:
+        patched["anchor_forwards"] = patched.get("anchor_forwards", 0) + 1
     return args, kwargs
 
 

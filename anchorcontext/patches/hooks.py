@@ -60,8 +60,8 @@ def _pretrained_root(model):
 def decoder_chain(root) -> list:
     """``root.base_model`` (``LlamaModel``), then the one transformers model inside it while that is all it holds
     (OPT's ``OPTModel`` wraps ``OPTDecoder``, which ``OPTForCausalLM`` calls directly; ``Gemma4Model`` without a
-    vision tower wraps ``Gemma4TextModel``). Every forward of ``root`` goes through the last one, which builds the
-    mask."""
+    vision tower wraps ``Gemma4TextModel``). Every forward of ``root`` goes through the last one; the first one it
+    reaches may build the mask (Gemma4Model), so each is hooked."""
     from transformers import PreTrainedModel
 
     chain = [root.base_model]
@@ -193,6 +193,10 @@ def _enter(module, flag: bool) -> None:
 
 
 def _pre_hook(state, module, args, kwargs):
+    stack = _CALLS.get()
+    if stack and stack[-1][0] in state["chain_ids"]:  # an outer model of the chain already prepared this forward
+        _enter(module, _ANCHOR_FORWARD.get())
+        return None
     _enter(module, False)  # first, so the always-called post-hook stays balanced even if this hook raises
     ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
     ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
@@ -235,6 +239,7 @@ def _pre_hook(state, module, args, kwargs):
     kwargs["anchor_layout"] = layout
     kwargs[PATCHED_KEY] = True
     kwargs.setdefault("anchor_backend", state["backend"])
+    state["anchor_forwards"] = state.get("anchor_forwards", 0) + 1  # the outer forward checks the keys got here
     _ANCHOR_FORWARD.set(True)
     return args, kwargs
 
@@ -292,12 +297,17 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
         root.set_attn_implementation(name)
     # Hooks go on the decoder (e.g. LlamaModel): it builds the mask, and wrappers that call the outer
     # ``forward`` directly (PEFT's LoraModel does) still reach it through ``__call__``.
-    decoder = decoder_of(root)
-    state = {"prev": prev, "name": name, "backend": backend, "hf_packing": hf_packing,
-             "cache_names": cache_arg_names(decoder)}
+    # Every model of the decoder chain is hooked (the first one a forward reaches prepares it, the inner ones pass):
+    # OPTForCausalLM calls its inner OPTDecoder directly, Gemma4Model builds the mask before its Gemma4TextModel.
+    chain = decoder_chain(root)
+    names = tuple(dict.fromkeys(n for m in chain for n in cache_arg_names(m)))
+    state = {"prev": prev, "name": name, "backend": backend, "hf_packing": hf_packing, "cache_names": names,
+             "chain_ids": frozenset(id(m) for m in chain)}
     state["hooks"] = [
-        decoder.register_forward_pre_hook(functools.partial(_pre_hook, state), with_kwargs=True),
-        decoder.register_forward_hook(functools.partial(_post_hook, state), with_kwargs=True, always_call=True),
+        h for m in chain for h in (
+            m.register_forward_pre_hook(functools.partial(_pre_hook, state), with_kwargs=True),
+            m.register_forward_hook(functools.partial(_post_hook, state), with_kwargs=True, always_call=True),
+        )
     ]
     # on every transformers model a forward of ``model`` passes through before the hooked decoder, so their forwards
     # accept the anchor keys (registration._guard_forward)

@@ -89,6 +89,12 @@ def _make_attention_fn(fallback):
                 kwargs.pop(k, None)
             return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             sliding_window=sliding_window, softcap=softcap, **kwargs)
+        if attention_mask is not None and not torch.compiler.is_compiling() and _ANCHOR_FORWARD.get():
+            # a patched model's mask entry returned None: this mask is the family's own (a learned bias: Doge)
+            raise ValueError(
+                f"{type(module).__name__} builds its own attention mask or bias inside the anchor forward, which the "
+                "anchor backends cannot apply; this family is not supported by anchorcontext"
+            )
         if attention_mask is not None and "mask" not in _warned:
             _warned.add("mask")
             logger.warning(
@@ -195,15 +201,27 @@ def _guard_forward(cls) -> None:
 
     @functools.wraps(fn)
     def forward(self, *args, **kwargs):
-        if any(k in kwargs for k in ANCHOR_KEYS) and not kwargs.get(PATCHED_KEY) \
-                and getattr(self, _STATE_ATTR, None) is None and not _ANCHOR_FORWARD.get():
-            given = [k for k in ANCHOR_KEYS if k in kwargs]
+        if not any(k in kwargs for k in ANCHOR_KEYS) or kwargs.get(PATCHED_KEY) or _ANCHOR_FORWARD.get():
+            return fn(self, *args, **kwargs)  # plain, or inside an anchor forward the decoder's pre-hook opened
+        given = [k for k in ANCHOR_KEYS if k in kwargs]
+        state = getattr(self, _STATE_ATTR, None)
+        if state is None:
             raise ValueError(
                 f"this forward carries {given} but {cls.__name__} is not patched by anchorcontext, so it would ignore "
                 "them and attend across documents; call anchorcontext.patch_model(model) first (it names what is "
                 "missing if the family cannot be supported; see docs/models.md)"
             )
-        return fn(self, *args, **kwargs)
+        if id(self) in state.get("chain_ids", ()):  # a hooked decoder: its pre-hooks took the keys already
+            return fn(self, *args, **kwargs)
+        seen = state.get("anchor_forwards", 0)
+        out = fn(self, *args, **kwargs)
+        if state.get("anchor_forwards", 0) == seen:  # the keys never reached the hooked decoder
+            raise ValueError(
+                f"{cls.__name__}.forward does not pass {given} on to its decoder (it drops the keyword arguments it "
+                "does not name), so its layers attended across documents; this family is not supported by "
+                "anchorcontext"
+            )
+        return out
 
     forward.__wrapped_stock__ = fn
     cls.forward = forward
