@@ -23,6 +23,10 @@ Conventions and assumptions (Llama-like decoder: RMSNorm, GQA attention with RoP
   fp32 log-softmax, and at its backward holds the incoming and outgoing fp32 gradients: ``(a + 12)`` bytes per
   token and vocabulary entry (measured on CPU, fp32: 16 bytes = 4 x the fp32 logits). A chunked loss holds the same
   per token for ``loss_chunk_tokens`` tokens at a time and never the whole ``(T, V)`` logits.
+* Peak: weights, gradients, optimizer state and the saved activations are live throughout the backward; the loss's
+  buffers are freed before the first decoder layer's backward (its recompute under checkpointing) begins, so only
+  the larger of the two phases counts (the loss's phase comes before any non-persistent gradient is allocated):
+  the row "not live at once (loss vs layers)" subtracts the smaller.
 * Attention workspace: ``varlen`` gathers ``[anchor] + document`` K/V per layer (kept for the backward: one layer
   under checkpointing, every layer without); ``sdpa`` / ``flex`` run per document in O(L) extra memory; every
   backend adds one layer's ``dq, dk, dv``; Ulysses adds the all-to-all buffers of one layer; ``reference`` is the
@@ -43,6 +47,7 @@ PRECISIONS = ("bfloat16", "float16", "float32")
 MIXED = ("bf16", "fp16", "no")
 ATTENTIONS = ("varlen", "sdpa", "flex", "reference")
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+OVERLAP = "not live at once (loss vs layers)"
 
 
 def _int(name: str, value: Any, minimum: int = 1) -> None:
@@ -162,7 +167,9 @@ class MemoryPlan:
 
 def _state(m: ModelDims, *, engine: str, param_dtype: str, mixed_precision: str, world_size: int,
            zero3_max_live_parameters: int, zero3_sub_group_size: int, notes: list[str]):
-    """(device components, host components) for weights, gradients and optimizer state (AdamW: two moments)."""
+    """(device components, host components, compute dtype bytes, persistent gradient bytes) for weights, gradients and
+    optimizer state (AdamW: two moments). Persistent gradient bytes are allocated before the backward starts (DDP
+    buckets, ZeRO-3's flat partition buffer); the rest (``.grad`` set to None between steps) appear layer by layer."""
     P, N = m.parameters, world_size
     w = _BYTES[param_dtype]
     mixed = mixed_precision != "no"
@@ -176,6 +183,7 @@ def _state(m: ModelDims, *, engine: str, param_dtype: str, mixed_precision: str,
             notes.append("ddp: fp32 weights under bf16/fp16 autocast also hold the autocast cache of 16-bit weight "
                          "copies (2 bytes/param)")
         dev["gradients"] = P * w * (2 if N > 1 else 1)
+        persistent = P * w if N > 1 else 0
         if N > 1:
             notes.append("ddp: gradients counted twice (the .grad tensors and DDP's buckets; "
                          "gradient_as_bucket_view=False, accelerate's default)")
@@ -189,6 +197,7 @@ def _state(m: ModelDims, *, engine: str, param_dtype: str, mixed_precision: str,
         root = m.embedding_parameters + m.hidden_size
         dev["weights"] = P * sw // N + (root + 2 * unit) * a
         dev["gradients"] = P * sw // N + unit * a
+        persistent = 0
         dev["optimizer state"] = 2 * P * sw // N
         notes.append(f"fsdp2: shards over {N} ranks (fp32 under mixed precision: accelerate upcasts); unsharded: the "
                      "root (embeddings, LM head: not resharded after forward) + 2 decoder layers (current, prefetch) "
@@ -216,7 +225,9 @@ def _state(m: ModelDims, *, engine: str, param_dtype: str, mixed_precision: str,
             host["optimizer state"] = 8 * P // N
             notes.append("zero3_offload: parameters and optimizer state in host RAM (per rank; x ranks per node); the "
                          "device holds the gathered parameters and the reduce buckets")
-    return dev, host, a
+    if engine in ("zero3", "zero3_offload"):
+        persistent = dev["gradients"]
+    return dev, host, a, persistent
 
 
 def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_size: int = 1, sp_size: int = 1,
@@ -274,7 +285,7 @@ def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_s
         raise ValueError(f"fragmentation must be in [0, 1), got {fragmentation!r}")
 
     notes: list[str] = []
-    comp, host, a = _state(model, engine=engine, param_dtype=param_dtype, mixed_precision=mixed_precision,
+    comp, host, a, persistent_grads = _state(model, engine=engine, param_dtype=param_dtype, mixed_precision=mixed_precision,
                            world_size=world_size, zero3_max_live_parameters=zero3_max_live_parameters,
                            zero3_sub_group_size=zero3_sub_group_size, notes=notes)
     m = model
@@ -295,38 +306,53 @@ def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_s
     layer_grad = T * a * (2 * h + 2 * I)
     final_norm = T * (4 + a) * h
     if gradient_checkpointing:
-        comp["activations"] = nl * T * a * h + final_norm + layer_saved + layer_grad
-        act_note = f"activations: {nl} layer-input checkpoints + 1 layer recomputed with its backward working set"
+        comp["activations (saved)"] = nl * T * a * h + final_norm
+        comp["layer backward"] = layer_saved + layer_grad
+        notes.append(f"activations: {nl} layer-input checkpoints + the final norm; layer backward: 1 layer recomputed "
+                     f"+ its gradient working set; {T} tokens per rank ({micro_batch} x {seq_len} / sp {sp_size})")
     else:
-        comp["activations"] = nl * layer_saved + final_norm + layer_grad
-        act_note = f"activations: every layer's saved tensors ({nl} layers) + 1 layer's backward working set"
-    notes.append(act_note + f"; {T} tokens per rank ({micro_batch} x {seq_len} / sp {sp_size})")
+        comp["activations (saved)"] = nl * layer_saved + final_norm
+        comp["layer backward"] = layer_grad
+        notes.append(f"activations: every layer's saved tensors ({nl} layers) + the final norm; layer backward: 1 "
+                     f"layer's gradient working set; {T} tokens per rank ({micro_batch} x {seq_len} / sp {sp_size})")
 
     qkv = Tfull * (Hl + 2 * kvl) * d * a
+    attn_saved = 0  # live from the forward to each layer's backward
     if attention == "varlen":
         gathered = 2 * micro_batch * (seq_len + num_documents) * kvl * d * a
-        work = (1 if gradient_checkpointing else nl) * gathered + qkv + gathered
+        if gradient_checkpointing:
+            attn_layer = gathered + qkv + gathered
+        else:
+            attn_saved, attn_layer = nl * gathered, qkv + gathered
         notes.append("attention (varlen): [anchor]+document K/V gathered per layer and kept for its backward"
                      f" ({'1 layer' if gradient_checkpointing else f'{nl} layers'}) + dq, dk, dv and the gathered "
                      "K/V gradients of one layer")
     elif attention == "reference":
-        work = micro_batch * Hl * seq_len * seq_len * 4 * 2 + qkv
+        attn_layer = micro_batch * Hl * seq_len * seq_len * 4 * 2 + qkv
         notes.append("attention (reference): dense (L x L) scores and probabilities of one layer: the O(L^2) oracle")
     else:
-        work = qkv
+        attn_layer = qkv
         notes.append(f"attention ({attention}): per-document, O(L) extra; dq, dk, dv of one layer")
     if sp_size > 1:
-        work += Tfull * (2 * Hl + 2 * kvl) * d * a
+        attn_layer += Tfull * (2 * Hl + 2 * kvl) * d * a
         notes.append("ulysses: all-to-all buffers of q, k, v, o for one layer")
-    comp["attention workspace"] = work
+    comp["attention workspace"] = attn_saved + attn_layer
 
     loss_tok = min(loss_chunk_tokens, T) if chunked_loss else T
-    comp["loss (chunked)" if chunked_loss else "loss (stock)"] = loss_tok * V * (a + 12)
+    loss = loss_tok * V * (a + 12)
+    comp["loss (chunked)" if chunked_loss else "loss (stock)"] = loss
     if chunked_loss:
-        notes.append(f"loss (chunked): {loss_tok} tokens x vocab {V} at a time (estimate; the chunked loss's "
-                     "measured peak is validated separately)")
+        notes.append(f"loss (chunked): {loss_tok} tokens x vocab {V} at a time, same bytes per element as stock "
+                     "(an estimate: the chunked loss's measured peak is validated separately)")
     else:
         notes.append(f"loss (stock): logits {T} x {V} in the compute dtype + fp32 upcast/log-softmax + 2 fp32 grads")
+    # Two phases of the backward: the loss's (before any decoder gradient exists but the persistent buffers) and a
+    # decoder layer's (the loss's buffers freed, every gradient allocated). The peak is the larger one.
+    layer_phase = comp["layer backward"] + attn_layer + comp["gradients"] - persistent_grads
+    comp[OVERLAP] = -min(loss, layer_phase)
+    notes.append(f"{OVERLAP!r}: the loss's buffers are freed before the decoder layers' backward, where the "
+                 "non-persistent gradients (.grad, set to None between steps) are allocated: the smaller phase "
+                 "is subtracted")
     if device_reserve_gib or fragmentation:
         comp["runtime reserve"] = int(device_reserve_gib * GIB + fragmentation * sum(comp.values()))
         notes.append(f"runtime reserve (assumed): {device_reserve_gib:g} GiB CUDA context/NCCL + "
@@ -370,10 +396,10 @@ def format_plan(plan: MemoryPlan) -> str:
              f"sp_size {i['sp_size']}, engine {i['engine']}, weights {i['param_dtype']}, mixed precision "
              f"{i['mixed_precision']}, checkpointing {'on' if i['gradient_checkpointing'] else 'off'}, attention "
              f"{i['attention']}, loss {'chunked (' + str(i['loss_chunk_tokens']) + ' tokens)' if i['chunked_loss'] else 'stock'}",
-             f"  {'component':<28} {'GiB':>8}"]
+             f"  {'component':<40} {'GiB':>8}"]
     for k, v in plan.components.items():
-        lines.append(f"  {k:<28} {_gib(v)}")
-    lines.append(f"  {'total':<28} {_gib(plan.total)}")
+        lines.append(f"  {k:<40} {_gib(v)}")
+    lines.append(f"  {'total (peak)':<40} {_gib(plan.total)}")
     for k, v in plan.host.items():
         lines.append(f"  host RAM per rank: {k:<17}{_gib(v)}")
     if plan.fits is None:
