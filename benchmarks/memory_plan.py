@@ -11,7 +11,10 @@ Estimated = ``plan_memory(engine="ddp", world_size=1, param_dtype="float32", mix
 attention="sdpa", device_reserve_gib=0, fragmentation=0)``.
 
     python benchmarks/memory_plan.py                    # all configurations -> benchmarks/results/cpu/memory_plan.json
-    python benchmarks/memory_plan.py --only 0 2          # a subset
+    python benchmarks/memory_plan.py --only 0 2          # a subset (merged into the existing file)
+
+It also measures HF's stock loss alone (LM head + ``ForCausalLMLoss`` forward and backward, fp32), the figure the
+plan's loss term is calibrated on: bytes per token and vocabulary entry.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ CONFIGS = [
     dict(layers=2, vocab=8192, seq_len=4096, ckpt=False),
     dict(layers=30, vocab=49152, seq_len=2048, ckpt=True),
 ]
+LOSS_CONFIGS = [(2048, 49152), (4096, 8192)]  # (tokens, vocab) of the loss-only measurement
 TOLERANCE = 0.15
 DOC_LEN = 700  # tokens per document (the last one of a row is shorter)
 
@@ -87,6 +91,30 @@ def worker(c: dict) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def loss_worker(T: int, V: int, h: int = 576) -> dict:
+    """Peak of HF's stock causal-LM loss alone (fp32): LM head forward, ``ForCausalLMLoss``, backward."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from anchorcontext.measure import PeakMemory
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, T, h, requires_grad=True)
+    head = torch.nn.Linear(h, V, bias=False)
+    labels = torch.randint(0, V, (1, T))
+    for p in head.parameters():  # the weight gradient exists before the measured step, as the model's would
+        p.grad = torch.zeros_like(p)
+    hidden.grad = torch.zeros_like(hidden)
+    mem = PeakMemory(torch.device("cpu"), 65536)
+    base = mem.start()
+    logits = head(hidden)
+    loss = ForCausalLMLoss(logits, labels, vocab_size=V)
+    loss.backward()
+    peak = mem.stop() - base
+    return {"measured_bytes": peak, "bytes_per_token_and_vocab": peak / (T * V), "method": mem.method}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", type=int, nargs="*", help="indices into CONFIGS")
@@ -94,7 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        c = json.loads(args.worker)
+        print(json.dumps(loss_worker(c["T"], c["V"]) if "T" in c else worker(c)))
         return 0
     from anchorcontext.measure import machine_info
     import torch
@@ -120,6 +149,15 @@ def main(argv=None) -> int:
         print(f"[{i}] layers {c['layers']} vocab {c['vocab']} L {c['seq_len']} ckpt {c['ckpt']}: measured "
               f"{got['measured_bytes'] / 2**30:.3f} GiB, estimated {plan.total / 2**30:.3f} GiB ({err:+.1%}); "
               + ", ".join(f"{k} {v / 2**30:.3f}" for k, v in plan.components.items()), flush=True)
+    loss_rows = []
+    for T, V in LOSS_CONFIGS if args.only is None else ():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"T": T, "V": V})], capture_output=True,
+                           text=True, env=env, check=True)
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        loss_rows.append({"tokens": T, "vocab": V, **got, "planned_bytes_per_token_and_vocab": 4 + 12})
+        print(f"stock loss alone, T {T} x V {V} fp32: measured {got['bytes_per_token_and_vocab']:.2f} bytes per token "
+              "and vocabulary entry (planned 16 = 4 x the fp32 logits)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() and args.only is not None else {}
@@ -128,7 +166,8 @@ def main(argv=None) -> int:
     result = {"benchmark": "memory plan vs measured peak of a CPU training step (fwd + bwd + AdamW), float32",
               "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(torch.device("cpu")), "tolerance": TOLERANCE, "model_widths": SMOL,
-              "doc_len": DOC_LEN, "results": list(by_cfg.values())}
+              "doc_len": DOC_LEN, "results": list(by_cfg.values()),
+              "stock_loss_alone": loss_rows or old.get("stock_loss_alone", [])}
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0 if all(r["within_tolerance"] for r in rows) else 2
