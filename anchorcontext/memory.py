@@ -23,10 +23,11 @@ Conventions and assumptions (Llama-like decoder: RMSNorm, GQA attention with RoP
   fp32 log-softmax, and at its backward holds the incoming and outgoing fp32 gradients: ``(a + 12)`` bytes per
   token and vocabulary entry (measured on CPU, fp32: 16 bytes = 4 x the fp32 logits). A chunked loss holds the same
   per token for ``loss_chunk_tokens`` tokens at a time and never the whole ``(T, V)`` logits.
-* Peak: weights, gradients, optimizer state and the saved activations are live throughout the backward; the loss's
-  buffers are freed before the first decoder layer's backward (its recompute under checkpointing) begins, so only
-  the larger of the two phases counts (the loss's phase comes before any non-persistent gradient is allocated):
-  the row "not live at once (loss vs layers)" subtracts the smaller.
+* Peak: weights, optimizer state and persistent gradient buffers (DDP's, ZeRO-3's) are live throughout. The
+  backward has a loss phase (every layer's saved tensors + the loss's buffers, no decoder ``.grad`` yet) and one
+  phase per decoder layer (the loss freed; the layers not yet processed still hold their saved tensors, the
+  processed ones have their gradients; worst at the first or the last layer). Only the largest phase counts: the
+  row "not live at once (freed in backward)" subtracts what the listed rows hold but is never live together.
 * Attention workspace: ``varlen`` gathers ``[anchor] + document`` K/V per layer (kept for the backward: one layer
   under checkpointing, every layer without); ``sdpa`` / ``flex`` run per document in O(L) extra memory; every
   backend adds one layer's ``dq, dk, dv``; Ulysses adds the all-to-all buffers of one layer; ``reference`` is the
@@ -47,7 +48,7 @@ PRECISIONS = ("bfloat16", "float16", "float32")
 MIXED = ("bf16", "fp16", "no")
 ATTENTIONS = ("varlen", "sdpa", "flex", "reference")
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-OVERLAP = "not live at once (loss vs layers)"
+OVERLAP = "not live at once (freed in backward)"
 
 
 def _int(name: str, value: Any, minimum: int = 1) -> None:
@@ -346,13 +347,23 @@ def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_s
                      "(an estimate: the chunked loss's measured peak is validated separately)")
     else:
         notes.append(f"loss (stock): logits {T} x {V} in the compute dtype + fp32 upcast/log-softmax + 2 fp32 grads")
-    # Two phases of the backward: the loss's (before any decoder gradient exists but the persistent buffers) and a
-    # decoder layer's (the loss's buffers freed, every gradient allocated). The peak is the larger one.
-    layer_phase = comp["layer backward"] + attn_layer + comp["gradients"] - persistent_grads
-    comp[OVERLAP] = -min(loss, layer_phase)
-    notes.append(f"{OVERLAP!r}: the loss's buffers are freed before the decoder layers' backward, where the "
-                 "non-persistent gradients (.grad, set to None between steps) are allocated: the smaller phase "
-                 "is subtracted")
+    # The backward's phases. Loss: every layer's saved tensors, the final norm and the loss buffers are live, no
+    # decoder gradient exists yet (but the persistent buffers). Then layer k (nl-1 down to 0): the loss is freed,
+    # layers 0..k still hold their saved tensors S, layers k..nl-1 have their gradients G; linear in k, so the worst
+    # layer is the first or the last one processed. The peak is the largest phase; the row below removes the rest.
+    per_layer_saved = T * a * h if gradient_checkpointing else layer_saved + (gathered if attention == "varlen" else 0)
+    np_grads = comp["gradients"] - persistent_grads
+    g_layer = np_grads * m.layer_parameters // m.parameters
+    g_other = np_grads - nl * g_layer  # embeddings / LM head / final norm: computed right after the loss
+    work = comp["layer backward"] + attn_layer
+    loss_phase = nl * per_layer_saved + final_norm + loss
+    layer_phase = g_other + work + max(nl * per_layer_saved + g_layer, per_layer_saved + nl * g_layer)
+    listed = nl * per_layer_saved + final_norm + work + loss + np_grads
+    comp[OVERLAP] = max(loss_phase, layer_phase) - listed
+    notes.append(f"{OVERLAP!r}: the loss's buffers are freed before the decoder layers' backward; each layer's saved "
+                 "tensors are freed after its backward while its gradients (.grad, set to None between steps; not "
+                 "DDP/ZeRO-3's persistent buffers) appear: only the largest phase counts "
+                 f"({'loss' if loss_phase >= layer_phase else 'a decoder layer'}'s here)")
     if device_reserve_gib or fragmentation:
         comp["runtime reserve"] = int(device_reserve_gib * GIB + fragmentation * sum(comp.values()))
         notes.append(f"runtime reserve (assumed): {device_reserve_gib:g} GiB CUDA context/NCCL + "
@@ -377,9 +388,15 @@ def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_s
                 continue
             for ck in (True, False):
                 for ch in (False, True):
-                    plan.variants[f"{e}|{ck}|{ch}"] = plan_memory(engine=e, gradient_checkpointing=ck,
+                    plan.variants[variant_key(e, ck, ch)] = plan_memory(engine=e, gradient_checkpointing=ck,
                                                                   chunked_loss=ch, **kw).total
     return plan
+
+
+def variant_key(engine: str, gradient_checkpointing: bool, chunked_loss: bool) -> str:
+    """The key of :attr:`MemoryPlan.variants`, e.g. ``"zero3, checkpointing, stock loss"``."""
+    return (f"{engine}, {'checkpointing' if gradient_checkpointing else 'no checkpointing'}, "
+            f"{'chunked' if chunked_loss else 'stock'} loss")
 
 
 def _gib(n: int) -> str:
@@ -391,7 +408,7 @@ def format_plan(plan: MemoryPlan) -> str:
     i = plan.inputs
     where = plan.device_name or "device of unknown size"
     mem = f"{plan.device_memory / GIB:.1f} GiB" if plan.device_memory is not None else "unknown memory"
-    lines = [f"memory plan per device: {i['world_size']} x {where} ({mem}); {i['model'].get('name') or 'model'} "
+    lines = [f"memory plan per device: {i['world_size']} x {where}, {mem} each; {i['model'].get('name') or 'model'} "
              f"{i['parameters'] / 1e9:.2f}B params, L={i['seq_len']}, micro-batch {i['micro_batch']}, "
              f"sp_size {i['sp_size']}, engine {i['engine']}, weights {i['param_dtype']}, mixed precision "
              f"{i['mixed_precision']}, checkpointing {'on' if i['gradient_checkpointing'] else 'off'}, attention "
@@ -412,7 +429,7 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append("  total GiB by engine x checkpointing x loss (same row, world size, sp_size):")
         lines.append(f"    {'engine':<14} {'ckpt+stock':>10} {'ckpt+chunk':>10} {'stock':>10} {'chunk':>10}")
         for e in ENGINES:
-            row = [plan.variants.get(f"{e}|{ck}|{ch}") for ck in (True, False) for ch in (False, True)]
+            row = [plan.variants.get(variant_key(e, ck, ch)) for ck in (True, False) for ch in (False, True)]
             if row[0] is None:
                 continue
             cells = []
@@ -426,4 +443,5 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ENGINES", "GIB", "KNOWN_MODELS", "MemoryPlan", "ModelDims", "format_plan", "plan_memory"]
+__all__ = ["ENGINES", "GIB", "KNOWN_MODELS", "OVERLAP", "MemoryPlan", "ModelDims", "format_plan", "plan_memory",
+           "variant_key"]

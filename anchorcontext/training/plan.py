@@ -94,7 +94,7 @@ def plan_for_run(margs, dargs, aargs, rargs, training_args, *, config=None) -> M
     engine, ds, why = engine_for_run(training_args, sp)
     world = rargs.dry_run_world_size or max(int(getattr(training_args, "world_size", 1) or 1), sp)
     if rargs.device_memory_gib is not None:
-        gib, name = rargs.device_memory_gib, f"{rargs.device_memory_gib:g} GiB device (--device_memory_gib)"
+        gib, name = rargs.device_memory_gib, "device given by --device_memory_gib"
     else:
         gib, name = device_memory_default()
     ckpt = bool(getattr(training_args, "activation_checkpointing", False)
