@@ -89,7 +89,7 @@ class ModelDims:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
 
     @classmethod
-    def from_config(cls, config, *, name: str = "") -> "ModelDims":
+    def from_config(cls, config, *, name: str = "") -> ModelDims:
         """From a ``transformers`` config (or anything with the same attribute names)."""
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = cfg.num_attention_heads
@@ -408,11 +408,13 @@ def format_plan(plan: MemoryPlan) -> str:
     i = plan.inputs
     where = plan.device_name or "device of unknown size"
     mem = f"{plan.device_memory / GIB:.1f} GiB" if plan.device_memory is not None else "unknown memory"
-    lines = [f"memory plan per device: {i['world_size']} x {where}, {mem} each; {i['model'].get('name') or 'model'} "
-             f"{i['parameters'] / 1e9:.2f}B params, L={i['seq_len']}, micro-batch {i['micro_batch']}, "
-             f"sp_size {i['sp_size']}, engine {i['engine']}, weights {i['param_dtype']}, mixed precision "
-             f"{i['mixed_precision']}, checkpointing {'on' if i['gradient_checkpointing'] else 'off'}, attention "
-             f"{i['attention']}, loss {'chunked (' + str(i['loss_chunk_tokens']) + ' tokens)' if i['chunked_loss'] else 'stock'}",
+    loss = f"chunked ({i['loss_chunk_tokens']} tokens)" if i["chunked_loss"] else "stock"
+    header = (f"memory plan per device: {i['world_size']} x {where}, {mem} each; {i['model'].get('name') or 'model'} "
+              f"{i['parameters'] / 1e9:.2f}B params, L={i['seq_len']}, micro-batch {i['micro_batch']}, "
+              f"sp_size {i['sp_size']}, engine {i['engine']}, weights {i['param_dtype']}, mixed precision "
+              f"{i['mixed_precision']}, checkpointing {'on' if i['gradient_checkpointing'] else 'off'}, attention "
+              f"{i['attention']}, loss {loss}")
+    lines = [header,
              f"  {'component':<40} {'GiB':>8}"]
     for k, v in plan.components.items():
         lines.append(f"  {k:<40} {_gib(v)}")

@@ -126,8 +126,9 @@ def main(argv=None) -> int:
         c = json.loads(args.worker)
         print(json.dumps(loss_worker(c["T"], c["V"]) if "T" in c else worker(c)))
         return 0
-    from anchorcontext.measure import machine_info
     import torch
+
+    from anchorcontext.measure import machine_info
 
     torch.set_num_threads(1)
     rows = []

@@ -19,9 +19,12 @@ Where each input comes from:
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..memory import KNOWN_MODELS, MemoryPlan, ModelDims, plan_memory
+
+logger = logging.getLogger("anchorcontext")
 
 DEFAULT_LOSS_CHUNK_TOKENS = 8192
 
@@ -71,8 +74,9 @@ def device_memory_default() -> tuple[float | None, str]:
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(torch.cuda.current_device())
             return p.total_memory / 2**30, p.name
-    except Exception:  # a broken CUDA setup must not stop a dry run
-        pass
+    except Exception as e:  # a broken CUDA setup must not stop a dry run; say why the size is unknown
+        logger.warning("anchorcontext: the CUDA device's memory is unknown (%s: %s); give --device_memory_gib",
+                       type(e).__name__, e)
     return None, ""
 
 
