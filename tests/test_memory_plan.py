@@ -210,3 +210,24 @@ def test_run_arguments_validate_the_plan_options():
     with pytest.raises(ValueError, match="dry_run_world_size=6 is not divisible by sp_size=4"):
         RunArguments(dry_run_world_size=6, sp_size=4)
     assert RunArguments(device_memory_gib=80).device_memory_gib == 80.0
+
+
+def test_committed_cpu_validation_matches_the_current_plan():
+    """benchmarks/results/cpu/memory_plan.json: every configuration within 15% of its measured peak, and its
+    estimate is what plan_memory gives today (a change to the arithmetic must rerun benchmarks/memory_plan.py)."""
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from memory_plan import CONFIGS, estimate
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    result = json.loads((root / "benchmarks/results/cpu/memory_plan.json").read_text())
+    assert len(result["results"]) == len(CONFIGS) >= 3
+    for r in result["results"]:
+        assert abs(r["estimated_bytes"] / r["measured_bytes"] - 1) <= 0.15, r["config"]
+        assert estimate(r["config"]).total == r["estimated_bytes"], r["config"]
+    for r in result["stock_loss_alone"]:
+        assert abs(r["bytes_per_token_and_vocab"] - 16) < 0.05 * 16
