@@ -231,3 +231,12 @@ def test_committed_cpu_validation_matches_the_current_plan():
         assert estimate(r["config"]).total == r["estimated_bytes"], r["config"]
     for r in result["stock_loss_alone"]:
         assert abs(r["bytes_per_token_and_vocab"] - 16) < 0.05 * 16
+
+
+def test_dry_run_of_a_hub_id_offline_uses_the_known_dims(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, recipe, table = _plan_out(capsys, ["--model_name_or_path", "Qwen/Qwen2.5-7B", "--seq_len", "65536",
+                                          "--dtype", "bfloat16", "--dry_run", "true", "--device_memory_gib", "80",
+                                          "--output_dir", "runs/unused"])
+    assert recipe["parameters"] == KNOWN_MODELS["Qwen/Qwen2.5-7B"].parameters and recipe["model_type"] is None
+    assert "Qwen2.5-7B 7.62B params" in table and "does not fit" in table  # one device, pure bf16 DDP, no ckpt
