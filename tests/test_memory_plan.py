@@ -234,7 +234,14 @@ def test_committed_cpu_validation_matches_the_current_plan():
 
 
 def test_dry_run_of_a_hub_id_offline_uses_the_known_dims(monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    train = importlib.import_module("anchorcontext.training.train")
+
+    def unreachable(margs):  # what AutoConfig.from_pretrained raises for a hub id it cannot read
+        raise OSError(f"We couldn't connect to the hub to load {margs.model_name_or_path}")
+
+    monkeypatch.setattr(train, "build_model_on_meta", unreachable)
     _, recipe, table = _plan_out(capsys, ["--model_name_or_path", "Qwen/Qwen2.5-7B", "--seq_len", "65536",
                                           "--dtype", "bfloat16", "--dry_run", "true", "--device_memory_gib", "80",
                                           "--output_dir", "runs/unused"])
