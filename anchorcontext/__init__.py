@@ -8,6 +8,7 @@ exactly like stock transformers attention.
 from .attention import anchor_attention
 from .collator import AnchorCollator, anchor_inputs, labels_for, position_ids_for
 from .layout import MASKS, AnchorLayout, dense_mask
+from .memory import MemoryPlan, ModelDims, format_plan, plan_memory
 from .packing import DocumentPacker, PackStats, anchor_token_id, pack_documents
 from .patches import is_patched, patch_model, register, unpatch_model
 
@@ -18,16 +19,20 @@ __all__ = [
     "AnchorCollator",
     "AnchorLayout",
     "DocumentPacker",
+    "MemoryPlan",
+    "ModelDims",
     "PackStats",
     "__version__",
     "anchor_attention",
     "anchor_inputs",
     "anchor_token_id",
     "dense_mask",
+    "format_plan",
     "is_patched",
     "labels_for",
     "pack_documents",
     "patch_model",
+    "plan_memory",
     "position_ids_for",
     "register",
     "unpatch_model",

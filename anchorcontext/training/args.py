@@ -207,7 +207,14 @@ class RunArguments:
     eval_lengths: list[int] | None = field(default=None, metadata={"help": "eval context lengths (default: seq_len)"})
     eval_samples: int = field(default=2, metadata={"help": "samples per task and length"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots (matplotlib)"})
-    dry_run: bool = field(default=False, metadata={"help": "build the model on the meta device, print, and stop"})
+    dry_run: bool = field(default=False, metadata={"help": "build the model on the meta device, print the recipe and "
+                                                           "its per-device memory plan, and stop"})
+    dry_run_world_size: int | None = field(
+        default=None, metadata={"help": "--dry_run: ranks (DP x SP) to plan for; default the launcher's world size"}
+    )
+    device_memory_gib: float | None = field(
+        default=None, metadata={"help": "--dry_run: GiB per device the plan must fit; default the CUDA device's"}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "train into an output_dir that already holds files (else refused)"}
     )
@@ -220,6 +227,14 @@ class RunArguments:
         _positive_int("tokens_per_step", self.tokens_per_step, allow_none=True)
         _positive_int("eval_samples", self.eval_samples)
         _positive_int("threads", self.threads, allow_none=True)
+        _positive_int("dry_run_world_size", self.dry_run_world_size, allow_none=True)
+        if self.dry_run_world_size is not None and self.dry_run_world_size % self.sp_size:
+            raise ValueError(f"dry_run_world_size={self.dry_run_world_size} is not divisible by sp_size={self.sp_size}")
+        if self.device_memory_gib is not None:
+            if isinstance(self.device_memory_gib, bool) or not isinstance(self.device_memory_gib, (int, float)) \
+                    or not self.device_memory_gib > 0:
+                raise ValueError(f"device_memory_gib must be a number > 0 (GiB per device), got {self.device_memory_gib!r}")
+            self.device_memory_gib = float(self.device_memory_gib)
         if self.eval_tasks is not None and [t.lower() for t in self.eval_tasks] in ([], ["none"]):
             self.eval_tasks = None  # `--eval_tasks none` turns the RULER-style evaluation off
         if self.eval_tasks is not None:

@@ -63,7 +63,8 @@ def _resolve_resume(training_args) -> str | None:
 RUN_ARGS_FILE = "anchorcontext_args.json"
 # Options that may change between a run and its resumption (where files go, how much is printed or evaluated).
 RESUME_MAY_DIFFER = {
-    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "threads", "plots", "dry_run", "eval_before_after",
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "threads", "plots", "dry_run", "dry_run_world_size",
+    "device_memory_gib", "eval_before_after",
     "eval_tasks", "eval_lengths", "eval_samples", "logging_steps", "logging_dir", "report_to", "run_name",
     "disable_tqdm", "save_steps", "save_total_limit", "dataloader_num_workers", "per_device_eval_batch_size",
     "eval_steps", "eval_strategy", "hub_token", "push_to_hub", "max_eval_rows", "local_rank",

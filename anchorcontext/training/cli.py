@@ -21,12 +21,14 @@ USAGE = """usage: anchorcontext train [--quick] [--config FILE] [--OPTION VALUE 
   (no arguments)     the embedded demo: SmolLM2-135M, AnchorAttention, stdlib corpus, runs/demo/
   --quick            tiny random Llama + BPE tokenizer, < 2 minutes, runs/quick/
   --config FILE      YAML mapping of option names to values (configs/*.yaml); no preset underneath
-  --dry_run          build the model on the meta device, print the recipe, stop
+  --dry_run          build the model on the meta device, print the recipe and its per-device memory plan
+                     (--dry_run_world_size N, --device_memory_gib G, --sp_size, --deepspeed/--fsdp), stop
   --help-all         list every option (model / data / anchor / run / transformers.TrainingArguments)
 
 examples:
   anchorcontext train --max_steps 20 --mask intra_doc
-  anchorcontext train --config configs/llama3-8b-128k.yaml --dry_run
+  anchorcontext train --config configs/llama3-8b-128k.yaml --dry_run true --sp_size 8 --dry_run_world_size 8 \
+      --deepspeed configs/accelerate/ds_zero3.json --device_memory_gib 80
   anchorcontext train --quick --output_dir runs/q --resume_from_checkpoint last
 
 see docs/training.md"""

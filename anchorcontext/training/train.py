@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..memory import format_plan
 from .args import AnchorArguments, DataArguments, ModelArguments, RunArguments
 from .callbacks import InterruptCallback, ThroughputCallback, _main_thread  # noqa: F401  (re-exported)
 from .checkpoints import (  # noqa: F401  (re-exported)
@@ -79,16 +80,45 @@ def apply_tokens_per_step(rargs: RunArguments, dargs: DataArguments, training_ar
     training_args.gradient_accumulation_steps = rargs.tokens_per_step // per_micro
 
 
+def _meta_model_without_zero3_init(margs: ModelArguments, training_args):
+    """``build_model_on_meta``, with a ``--deepspeed`` ZeRO-3 config set aside: transformers would otherwise build the
+    model inside ``deepspeed.zero.Init``, which starts a process group (a dry run is a single process)."""
+    hf_ds = getattr(training_args, "hf_deepspeed_config", None)
+    if hf_ds is None:
+        return build_model_on_meta(margs)
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        return build_model_on_meta(margs)
+    finally:
+        set_hf_deepspeed_config(hf_ds)
+
+
 def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments, rargs: RunArguments,
             training_args) -> dict:
-    """Build the model on the meta device and describe the recipe (no weights, no data, no download with model_config)."""
+    """Build the model on the meta device, describe the recipe and print its per-device memory plan.
+
+    No weights, no data, no download with ``model_config`` (or for a paper recipe's hub id: its dims are known,
+    :data:`anchorcontext.memory.KNOWN_MODELS`). Prints the recipe as JSON (``memory_plan`` inside, in bytes), then
+    :func:`anchorcontext.memory.format_plan`'s table in GiB with "fits" / "does not fit" for ``device_memory_gib``.
+    """
+    from .plan import plan_for_run
+
     apply_tokens_per_step(rargs, dargs, training_args)
-    model = build_model_on_meta(margs)
-    n = sum(p.numel() for p in model.parameters())
+    try:
+        model = _meta_model_without_zero3_init(margs, training_args)
+    except OSError:  # a hub id that cannot be read here: plan from the known dims, if any
+        from ..memory import KNOWN_MODELS
+
+        if margs.model_name_or_path not in KNOWN_MODELS:
+            raise
+        model = None
+    plan = plan_for_run(margs, dargs, aargs, rargs, training_args, config=None if model is None else model.config)
     info = {
-        "model_type": model.config.model_type,
-        "parameters": n,
-        "rope": rope_summary(model.config),
+        "model_type": model.config.model_type if model is not None else None,
+        "parameters": sum(p.numel() for p in model.parameters()) if model is not None else plan.inputs["parameters"],
+        "rope": rope_summary(model.config) if model is not None else None,
         "seq_len": dargs.seq_len,
         "tokens_per_step": tokens_per_step(dargs, training_args, rargs.sp_size),
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
@@ -96,9 +126,12 @@ def dry_run(margs: ModelArguments, dargs: DataArguments, aargs: AnchorArguments,
         "learning_rate": training_args.learning_rate,
         "mask": aargs.mask,
         "positions": aargs.positions,
+        "memory_plan": plan.to_dict(),
     }
-    check_rope_range(model.config, dargs.seq_len)
+    if model is not None:
+        check_rope_range(model.config, dargs.seq_len)
     print(json.dumps(info, indent=2))
+    print(format_plan(plan))
     return info
 
 

@@ -1,0 +1,179 @@
+"""Validate :func:`anchorcontext.plan_memory` against the measured peak of real CPU training steps.
+
+Each configuration runs in a fresh subprocess (one torch thread): a random Llama with SmolLM2-135M's widths
+(hidden 576, MLP 1536, 9 heads, 3 KV heads, head_dim 64, tied embeddings) and the given layers and vocabulary,
+float32, ``patch_model(backend="sdpa")`` (stock CPU path: ``ANCHORCONTEXT_CPU_KERNEL=0``), AnchorAttention on
+rows of several documents, HF's stock loss, ``torch.optim.AdamW``. Two optimizer steps run; the second is
+measured, so the Adam moments exist. Measured = Linux peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``
+after ``malloc_trim``, with glibc ``M_MMAP_THRESHOLD`` = 64 KiB so freed tensors leave RSS) during step 2, minus
+the RSS after imports and before the model was built: weights + gradients + Adam state + activations + loss.
+Estimated = ``plan_memory(engine="ddp", world_size=1, param_dtype="float32", mixed_precision="no",
+attention="sdpa", device_reserve_gib=0, fragmentation=0)``.
+
+    python benchmarks/memory_plan.py                    # all configurations -> benchmarks/results/cpu/memory_plan.json
+    python benchmarks/memory_plan.py --only 0 2          # a subset (merged into the existing file)
+
+It also measures HF's stock loss alone (LM head + ``ForCausalLMLoss`` forward and backward, fp32), the figure the
+plan's loss term is calibrated on: bytes per token and vocabulary entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64, tied_embeddings=True)
+CONFIGS = [
+    dict(layers=4, vocab=49152, seq_len=2048, ckpt=False),
+    dict(layers=4, vocab=8192, seq_len=8192, ckpt=False),
+    dict(layers=8, vocab=8192, seq_len=8192, ckpt=True),
+    dict(layers=2, vocab=8192, seq_len=4096, ckpt=False),
+    dict(layers=30, vocab=49152, seq_len=2048, ckpt=True),
+    dict(layers=8, vocab=512, seq_len=8192, ckpt=True),  # small vocabulary: the layer recompute sets the peak
+]
+LOSS_CONFIGS = [(2048, 49152), (4096, 8192)]  # (tokens, vocab) of the loss-only measurement
+TOLERANCE = 0.15
+DOC_LEN = 700  # tokens per document (the last one of a row is shorter)
+
+
+def estimate(c: dict):
+    from anchorcontext.memory import ModelDims, plan_memory
+
+    dims = ModelDims(num_layers=c["layers"], vocab_size=c["vocab"], name=f"SmolLM2-widths x{c['layers']}", **SMOL)
+    return plan_memory(model=dims, seq_len=c["seq_len"], engine="ddp", param_dtype="float32", mixed_precision="no",
+                       gradient_checkpointing=c["ckpt"], attention="sdpa", device_reserve_gib=0, fragmentation=0,
+                       num_documents=-(-(c["seq_len"] - 1) // DOC_LEN), variants=False)
+
+
+def worker(c: dict) -> dict:
+    os.environ["ANCHORCONTEXT_CPU_KERNEL"] = "0"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from anchorcontext import anchor_inputs, patch_model
+    from anchorcontext.measure import PeakMemory
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mem = PeakMemory(torch.device("cpu"), 65536)
+    base = mem.start()
+    cfg = LlamaConfig(hidden_size=SMOL["hidden_size"], intermediate_size=SMOL["intermediate_size"],
+                      num_hidden_layers=c["layers"], num_attention_heads=SMOL["num_heads"],
+                      num_key_value_heads=SMOL["num_kv_heads"], head_dim=SMOL["head_dim"], vocab_size=c["vocab"],
+                      tie_word_embeddings=True, max_position_embeddings=c["seq_len"], use_cache=False)
+    model = LlamaForCausalLM(cfg).float().train()
+    patch_model(model, backend="sdpa")
+    if c["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    L = c["seq_len"]
+    doc = torch.arange(L) - 1
+    doc = torch.where(doc < 0, torch.zeros_like(doc), doc // DOC_LEN + 1)[None]  # anchor 0, documents 1..n
+    ids = torch.randint(0, c["vocab"], (1, L))
+    extra = anchor_inputs(doc)
+    peaks = []
+    for _ in range(2):
+        mem.start()
+        out = model(input_ids=ids, labels=ids, **extra)
+        out.loss.backward()
+        del out
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        peaks.append(mem.stop() - base)
+    return {"measured_bytes": peaks[-1], "step1_bytes": peaks[0], "method": mem.method,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def loss_worker(T: int, V: int, h: int = 576) -> dict:
+    """Peak of HF's stock causal-LM loss alone (fp32): LM head forward, ``ForCausalLMLoss``, backward."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from anchorcontext.measure import PeakMemory
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, T, h, requires_grad=True)
+    head = torch.nn.Linear(h, V, bias=False)
+    labels = torch.randint(0, V, (1, T))
+    for p in head.parameters():  # the weight gradient exists before the measured step, as the model's would
+        p.grad = torch.zeros_like(p)
+    hidden.grad = torch.zeros_like(hidden)
+    mem = PeakMemory(torch.device("cpu"), 65536)
+    base = mem.start()
+    logits = head(hidden)
+    loss = ForCausalLMLoss(logits, labels, vocab_size=V)
+    loss.backward()
+    peak = mem.stop() - base
+    return {"measured_bytes": peak, "bytes_per_token_and_vocab": peak / (T * V), "method": mem.method}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", type=int, nargs="*", help="indices into CONFIGS")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu/memory_plan.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        c = json.loads(args.worker)
+        print(json.dumps(loss_worker(c["T"], c["V"]) if "T" in c else worker(c)))
+        return 0
+    import torch
+
+    from anchorcontext.measure import machine_info
+
+    torch.set_num_threads(1)
+    rows = []
+    for i, c in enumerate(CONFIGS):
+        if args.only is not None and i not in args.only:
+            continue
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(c)], capture_output=True, text=True,
+                           env=env, check=False)
+        if r.returncode:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return 1
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        plan = estimate(c)
+        assert plan.inputs["parameters"] == got["parameters"], (plan.inputs["parameters"], got["parameters"])
+        err = plan.total / got["measured_bytes"] - 1
+        row = {"config": c, **got, "estimated_bytes": plan.total, "components": plan.components,
+               "relative_error": err, "within_tolerance": abs(err) <= TOLERANCE}
+        rows.append(row)
+        print(f"[{i}] layers {c['layers']} vocab {c['vocab']} L {c['seq_len']} ckpt {c['ckpt']}: measured "
+              f"{got['measured_bytes'] / 2**30:.3f} GiB, estimated {plan.total / 2**30:.3f} GiB ({err:+.1%}); "
+              + ", ".join(f"{k} {v / 2**30:.3f}" for k, v in plan.components.items()), flush=True)
+    loss_rows = []
+    for T, V in LOSS_CONFIGS if args.only is None else ():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"T": T, "V": V})], capture_output=True,
+                           text=True, env=env, check=True)
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        loss_rows.append({"tokens": T, "vocab": V, **got, "planned_bytes_per_token_and_vocab": 4 + 12})
+        print(f"stock loss alone, T {T} x V {V} fp32: measured {got['bytes_per_token_and_vocab']:.2f} bytes per token "
+              "and vocabulary entry (planned 16 = 4 x the fp32 logits)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() and args.only is not None else {}
+    by_cfg = {json.dumps(r["config"], sort_keys=True): r for r in old.get("results", [])}
+    by_cfg.update({json.dumps(r["config"], sort_keys=True): r for r in rows})
+    result = {"benchmark": "memory plan vs measured peak of a CPU training step (fwd + bwd + AdamW), float32",
+              "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(torch.device("cpu")), "tolerance": TOLERANCE, "model_widths": SMOL,
+              "doc_len": DOC_LEN, "results": list(by_cfg.values()),
+              "stock_loss_alone": loss_rows or old.get("stock_loss_alone", [])}
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0 if all(r["within_tolerance"] for r in rows) else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
