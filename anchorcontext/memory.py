@@ -234,7 +234,7 @@ def _state(m: ModelDims, *, engine: str, param_dtype: str, mixed_precision: str,
 def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_size: int = 1, sp_size: int = 1,
                 engine: str = "ddp", param_dtype: str = "bfloat16", mixed_precision: str = "bf16",
                 gradient_checkpointing: bool = True, attention: str = "varlen", chunked_loss: bool = False,
-                loss_chunk_tokens: int = 8192, num_documents: int = 1, device_memory_gib: float | None = None,
+                loss_chunk_tokens: int = 2048, num_documents: int = 1, device_memory_gib: float | None = None,
                 device_name: str = "", device_reserve_gib: float = 1.0, fragmentation: float = 0.05,
                 zero3_max_live_parameters: int = 10**9, zero3_sub_group_size: int = 10**9,
                 variants: bool = True) -> MemoryPlan:

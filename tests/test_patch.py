@@ -176,7 +176,8 @@ def test_patch_roundtrip_idempotent_and_register():
     ac.patch_model(model)
     ac.patch_model(model, backend="sdpa")  # idempotent: updates the backend only
     assert model.config._attn_implementation == ATTN_NAME
-    assert patch_state(model) == {"prev": "sdpa", "name": ATTN_NAME, "backend": "sdpa", "hf_packing": "intra_doc"}
+    assert patch_state(model) == {"prev": "sdpa", "name": ATTN_NAME, "backend": "sdpa", "hf_packing": "intra_doc",
+                                  "chunked_loss": False, "loss_chunk_tokens": 2048}
     assert len(model.model._forward_pre_hooks) == 1
     ac.unpatch_model(model)
     assert model.config._attn_implementation == "sdpa"

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from ..layout import AnchorLayout
+from ..loss import DEFAULT_CHUNK_SIZE
+from .loss_hook import configure_chunked_loss, remove_chunked_loss, resolve_loss_options
 from .registration import (
     _ANCHOR_FORWARD,
     _STATE_ATTR,
@@ -251,14 +253,18 @@ def _post_hook(state, module, args, kwargs, output):
         _CALLS.set(stack[:-1])
 
 
-def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
+def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc", chunked_loss=False,
+                loss_chunk_tokens: int = DEFAULT_CHUNK_SIZE):
     """Switch ``model`` to AnchorAttention in one line; returns the same model.
 
     The mask mode and position policy are properties of each batch (see :func:`anchorcontext.anchor_inputs`,
     :class:`anchorcontext.AnchorCollator`); forwards without ``anchor_*`` keys run the implementation the model
     had (SDPA, eager, FlashAttention, flex, a kernels-hub kernel). A plain batch in Hugging Face's packing
     format runs as intra-document attention (``hf_packing="intra_doc"``) or is refused (``"refuse"``).
-    Idempotent (a second call only updates ``backend`` and ``hf_packing``); undo with :func:`unpatch_model`.
+    ``chunked_loss`` (``True`` | ``"auto"`` | ``"liger"`` | ``False``): a forward with labels computes the loss
+    from the final hidden states in chunks of ``loss_chunk_tokens`` tokens and returns ``logits=None``
+    (:mod:`.loss_hook`); ``False`` keeps the stock loss. Idempotent (a second call only updates ``backend``,
+    ``hf_packing`` and the chunked-loss options); undo with :func:`unpatch_model`.
     """
     from ..attention.registry import check_backend
 
@@ -272,8 +278,10 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
             "index 0 of every row; use LoRA or full fine-tuning with AnchorAttention"
         )
     root = _pretrained_root(model)
+    loss_impl = resolve_loss_options(root, chunked_loss, loss_chunk_tokens)  # refused before anything changes
     state = getattr(model, _STATE_ATTR, None)
     if state is not None:
+        configure_chunked_loss(root, state, chunked_loss, loss_chunk_tokens, loss_impl)
         state["backend"] = backend
         state["hf_packing"] = hf_packing
         return model
@@ -309,6 +317,7 @@ def patch_model(model, *, backend: str = "auto", hf_packing: str = "intra_doc"):
             m.register_forward_hook(functools.partial(_post_hook, state), with_kwargs=True, always_call=True),
         )
     ]
+    configure_chunked_loss(root, state, chunked_loss, loss_chunk_tokens, loss_impl)
     # on every transformers model a forward of ``model`` passes through before the hooked decoder, so their forwards
     # accept the anchor keys (registration._guard_forward)
     for m in {id(m): m for m in (model, root, *decoder_chain(root))}.values():
@@ -324,6 +333,7 @@ def unpatch_model(model):
     for h in state["hooks"]:
         h.remove()
     root = _pretrained_root(model)
+    remove_chunked_loss(root, state)
     if state["prev"] != root.config._attn_implementation:
         root.set_attn_implementation(state["prev"])
     for m in (model, root, *decoder_chain(root)):
@@ -337,7 +347,8 @@ def is_patched(model) -> bool:
 
 
 def patch_state(model) -> dict[str, Any] | None:
-    """``{"prev", "name", "backend", "hf_packing"}`` of a patched model, else ``None``."""
+    """``{"prev", "name", "backend", "hf_packing", "chunked_loss", "loss_chunk_tokens"}`` of a patched model, else ``None``."""
     state = getattr(model, _STATE_ATTR, None)
-    return None if state is None else {k: state[k] for k in ("prev", "name", "backend", "hf_packing")}
+    keys = ("prev", "name", "backend", "hf_packing", "chunked_loss", "loss_chunk_tokens")
+    return None if state is None else {k: state[k] for k in keys}
 

@@ -14,7 +14,7 @@ Where each input comes from:
 * precision: ``--dtype`` (the weights as loaded) and ``--bf16`` / ``--fp16`` (mixed precision); checkpointing:
   ``--gradient_checkpointing`` / ``--activation_checkpointing``; attention: ``--attn_backend`` (``auto`` is planned
   as ``varlen``, what it resolves to on a GPU with flash-attn or torch varlen);
-* loss: ``chunked_loss`` and ``loss_chunk_tokens`` when the run's options have them (default: chunked, 8192).
+* loss: ``chunked_loss`` and ``loss_chunk_tokens`` when the run's options have them (default: chunked, ``anchorcontext.loss.DEFAULT_CHUNK_SIZE``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 import os
 
+from ..loss import DEFAULT_CHUNK_SIZE
 from ..memory import KNOWN_MODELS, MemoryPlan, ModelDims, plan_memory
 
 logger = logging.getLogger("anchorcontext")
 
-DEFAULT_LOSS_CHUNK_TOKENS = 8192
+DEFAULT_LOSS_CHUNK_TOKENS = DEFAULT_CHUNK_SIZE  # anchorcontext.loss: the chunk patch_model uses
 
 
 def _option(args: tuple, name: str, default):
