@@ -27,7 +27,7 @@ zero gradient per chunk).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
+from tiny_models import config_kwargs, make_model
 
 import anchorcontext as ac
 from anchorcontext.loss import (
@@ -16,7 +17,6 @@ from anchorcontext.loss import (
     reference_cross_entropy,
 )
 from anchorcontext.patches import loss_hook
-from tiny_models import config_kwargs, make_model
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -29,7 +29,7 @@ def _assert_same_grads(a, b, rtol=RTOL, atol=ATOL):
     ga, gb = _grads(a), _grads(b)
     assert ga.keys() == gb.keys() and ga
     for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(gb[n], ga[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def _batch(B=2, L=23, seed=1, vocab=101):
