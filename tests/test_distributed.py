@@ -120,6 +120,17 @@ def test_trainer_zero3_sp2_grad_accum_matches_single_process(tmp_path):
 
 
 @needs_ds
+def test_trainer_zero3_sp2_chunked_loss_matches_single_process(tmp_path):
+    """The same run with ``patch_model(chunked_loss=True)``: each rank sums its shard's chunked loss (no logits)
+    and the step still equals single-process token-weighted training."""
+    for r, d in enumerate(_launch("trainer_chunked", tmp_path)):
+        assert d["chunked_calls"] == [2], d  # both micro-batches went through the chunked forward
+        assert abs(d["grad_norm_ratio"] - 1) <= 2e-6, d
+        assert d["grad_max_rel"] <= 2e-5, d
+        assert d["loss_rel"] <= 2e-6 and d["logged_loss_rel"] <= 2e-6, d
+
+
+@needs_ds
 def test_trainer_stock_sp_loss_is_not_token_weighted_across_micro_batches(tmp_path):
     """Control, and the reason for SequenceParallelLossMixin: stock Trainer (transformers 5.24) averages the SP
     micro-batches of a step with equal weight, so the same run misses the single-process gradient. If this starts
@@ -611,10 +622,11 @@ def scenario_zero3_accelerate(rank, world, res):
     res["zero2"] = _step_ratio(before, _full_params(eng2), ref_grads)
 
 
-def _trainer_run(rank, world, res, *, mixin: bool):
+def _trainer_run(rank, world, res, *, mixin: bool, chunked: bool = False):
     """HF Trainer with ZeRO-3 + Ulysses SP=2 wired by configure_sequence_parallel; one SGD step over 4 rows in
     2 accumulated micro-batches (their target counts differ). ``mixin``: SequenceParallelLossMixin; else the
-    stock Trainer, whose SP loss weighs the micro-batches equally."""
+    stock Trainer, whose SP loss weighs the micro-batches equally. ``chunked``: the model is patched with
+    ``chunked_loss=True``, so each rank's loss is the chunked sum over its shard (no logits)."""
     import tempfile
 
     import torch
@@ -641,7 +653,18 @@ def _trainer_run(rank, world, res, *, mixin: bool):
         accelerator_config={"use_configured_state": True}, disable_tqdm=True, seed=1,
     )
     args = configure_sequence_parallel(model=base, training_args=args, sp_size=P)
-    anchorcontext.patch_model(base, backend="sdpa")
+    anchorcontext.patch_model(base, backend="sdpa", chunked_loss=chunked, loss_chunk_tokens=5)
+    if chunked:  # count the chunked losses the mixin asks for (summed over the rank's shard)
+        from anchorcontext.patches import loss_hook
+
+        calls = res.setdefault("chunked_calls", [0])
+        inner = loss_hook.chunked_lm_loss
+
+        def counted(*a, summed=False, **k):
+            calls[0] += bool(summed)
+            return inner(*a, summed=summed, **k)
+
+        loss_hook.chunked_lm_loss = counted
     cls = sequence_parallel_trainer_class(Trainer) if mixin else Trainer
     # features: one dataset row per packed row; the Trainer's DP split gives rank r every other batch
     trainer = cls(model=base, args=args, train_dataset=_features(rows),
@@ -660,6 +683,10 @@ def _trainer_run(rank, world, res, *, mixin: bool):
 
 def scenario_trainer(rank, world, res):
     _trainer_run(rank, world, res, mixin=True)
+
+
+def scenario_trainer_chunked(rank, world, res):
+    _trainer_run(rank, world, res, mixin=True, chunked=True)
 
 
 def scenario_trainer_stock(rank, world, res):

@@ -7,7 +7,13 @@ DeepSpeed settings with wrong gradient scale. Launch configs live in ``configs/a
 """
 
 from .config import configure_sequence_parallel, make_parallelism_config
-from .loss import check_deepspeed_config_for_sp, count_targets, load_deepspeed_config, sp_causal_lm_loss
+from .loss import (
+    check_deepspeed_config_for_sp,
+    count_targets,
+    load_deepspeed_config,
+    sp_causal_lm_loss,
+    sp_loss_from_sum,
+)
 from .trainer import SequenceParallelLossMixin, sequence_parallel_trainer_class
 from .ulysses import (
     SP_ATTN_NAME,
@@ -45,6 +51,7 @@ __all__ = [
     "require_deepspeed",
     "sequence_parallel_trainer_class",
     "sp_causal_lm_loss",
+    "sp_loss_from_sum",
     "sp_state",
     "unprepare_model_for_sp",
 ]

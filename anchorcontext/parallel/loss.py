@@ -92,6 +92,24 @@ def sp_causal_lm_loss(
         logits.reshape(-1, logits.shape[-1]).to(dtype), shift_labels.reshape(-1).to(logits.device),
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
+    return sp_loss_from_sum(local, shift_labels, sp_group=sp_group, num_items_in_batch=num_items_in_batch,
+                            dp_size=dp_size, grad_accum=grad_accum)
+
+
+def sp_loss_from_sum(
+    local: torch.Tensor,
+    shift_labels: torch.Tensor,
+    *,
+    sp_group=None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    dp_size: int = 1,
+    grad_accum: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sp_causal_lm_loss` from this rank's *summed* token loss ``local`` (a scalar), e.g. the chunked
+    loss's (``patch_model(chunked_loss=True)`` under :func:`anchorcontext.patches.loss_hook.summed_loss`), which
+    never builds the shard's ``(B, L/P, V)`` logits. Same arguments and returns otherwise."""
+    if local.dim() != 0:
+        raise ValueError(f"local must be a scalar summed loss, got shape {tuple(local.shape)}")
     total = local if sp_group is None else _AllReduceSum.apply(local, sp_group)
     n_items = count_targets(shift_labels, sp_group)
     if num_items_in_batch is None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .loss import IGNORE_INDEX, sp_causal_lm_loss
+from ..patches.loss_hook import summed_loss, uses_chunked_loss
+from .loss import IGNORE_INDEX, sp_causal_lm_loss, sp_loss_from_sum
 
 
 def _sp_config(trainer):
@@ -45,12 +46,18 @@ class SequenceParallelLossMixin:
         inputs = dict(inputs)
         shift_labels = inputs.pop("shift_labels")
         inputs.pop("labels", None)
-        outputs = model(**inputs)  # no labels: the model computes no loss of its own
         dp = dist.get_world_size() // pc.sp_size
         # Trainer passes scale_wrt_gas=False to DeepSpeed, so no accumulation factor here (grad_accum=1);
         # ZeRO-3 averages over dp x sp ranks and the SP all-reduce contributes the factor sp (see loss.py).
-        loss, _, _ = sp_causal_lm_loss(outputs.logits, shift_labels, sp_group=groups._get_sequence_parallel_group(),
-                                       num_items_in_batch=num_items_in_batch, dp_size=dp, grad_accum=1)
+        opts = dict(sp_group=groups._get_sequence_parallel_group(), num_items_in_batch=num_items_in_batch,
+                    dp_size=dp, grad_accum=1)
+        if uses_chunked_loss(self.accelerator.unwrap_model(model)):
+            with summed_loss():  # this rank's summed token loss, chunked: its shard's logits never exist
+                outputs = model(**inputs, shift_labels=shift_labels)
+            loss, _, _ = sp_loss_from_sum(outputs.loss, shift_labels, **opts)
+        else:
+            outputs = model(**inputs)  # no labels: the model computes no loss of its own
+            loss, _, _ = sp_causal_lm_loss(outputs.logits, shift_labels, **opts)
         # normalised over the whole step when the count is known; else a per-micro-batch mean (Trainer divides)
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         return (loss, outputs) if return_outputs else loss

@@ -37,6 +37,7 @@ logger = logging.getLogger("anchorcontext")
 CHUNKED_LOSS = (True, False, "auto", "liger", "chunked")
 # per call: a list the decoder hook appends its last_hidden_state to (innermost forward last)
 _CAPTURE: contextvars.ContextVar[tuple] = contextvars.ContextVar("anchorcontext_loss_capture", default=())
+_PREV = "_anchorcontext_prev_forward"  # instance attribute: the instance forward the chunked one replaced
 _SUM: contextvars.ContextVar[bool] = contextvars.ContextVar("anchorcontext_loss_sum", default=False)
 
 
@@ -81,6 +82,21 @@ def resolve_chunked_loss(chunked_loss, device: torch.device) -> str | None:
         logger.info("anchorcontext: chunked_loss='auto' uses anchorcontext's chunked loss: %s", why)
         return "chunked"
     return "liger"
+
+
+def _auto_impl(state: dict, device: torch.device, root) -> str:
+    """``chunked_loss="auto"`` on ``device``: resolved once per device type (the reason logged once); Liger only
+    for what it computes (a plain linear head without logit scaling), else anchorcontext's."""
+    cache = state.setdefault("auto_impl", {})
+    if device.type not in cache:
+        impl = resolve_chunked_loss("auto", device)
+        if impl == "liger" and (_logit_transform(root)[0] is not None or _head_path(root.get_output_embeddings())
+                                != "linear"):
+            logger.info("anchorcontext: chunked_loss='auto' uses anchorcontext's chunked loss: Liger's takes a plain "
+                        "linear head without logit scaling")
+            impl = "chunked"
+        cache[device.type] = impl
+    return cache[device.type]
 
 
 def _logit_transform(root) -> tuple[float | None, float | None]:
@@ -161,7 +177,8 @@ def chunked_lm_loss(root, hidden, labels=None, *, shift_labels=None, num_items_i
             raise ValueError("chunked_loss='liger' supports a plain linear head without logit scaling; use "
                              "chunked_loss=True")
         total = liger_fused_linear_cross_entropy(h, head.weight, y, head.bias, ignore_index=-100,
-                                                 reduction="sum", softcap=softcap).float()
+                                                 reduction="sum", softcap=softcap)
+        total = (total[0] if isinstance(total, tuple) else total).float()  # some releases return (loss, z_loss)
     elif _head_path(head) == "linear":
         total = chunked_linear_cross_entropy(h, head.weight, head.bias, y, chunk_size=chunk_size, scale=scale,
                                              softcap=softcap)
@@ -180,12 +197,13 @@ def _chunked_forward(self, *args, **kwargs):
     rebinds it to the copy and the copy's own state is read)."""
     from .hooks import _STATE_ATTR
 
-    orig = type(self).forward.__get__(self)
+    # the forward we replaced: another wrapper's instance forward (TRL's fused LM head), else the class's
+    orig = self.__dict__.get(_PREV) or type(self).forward.__get__(self)
     state = getattr(self, _STATE_ATTR, None) or {}
     impl = state.get("chunked_loss_impl")
-    if impl is None:
+    if impl is None or kwargs.get("fused_lm_head"):  # TRL's own fused head computes its loss without logits
         return orig(*args, **kwargs)
-    sig = inspect.signature(orig)
+    sig = inspect.signature(type(self).forward.__get__(self))
     kw = dict(sig.bind_partial(*args, **kwargs).arguments)  # labels may come positionally
     var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
     kw.update(kw.pop(var_kw, None) or {})
@@ -198,6 +216,9 @@ def _chunked_forward(self, *args, **kwargs):
     n_items = kw.pop("num_items_in_batch", None)
     return_dict = kw.pop("return_dict", None)
     ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    if impl == "auto":
+        impl = _auto_impl(state, ref.device if torch.is_tensor(ref) else self.get_output_embeddings().weight.device,
+                          self)
     kw["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=getattr(ref, "device", None))
     captured: list = []
     tok = _CAPTURE.set((*_CAPTURE.get(), captured))
@@ -227,6 +248,9 @@ def install_chunked_loss(root, state: dict) -> None:
     """Set ``root.forward`` (an instance attribute: PEFT's ``LoraModel`` calls the causal LM's ``forward``
     directly, bypassing module hooks) and hook its decoder; the options are read from ``state`` per call."""
     check_chunked_loss_model(root)
+    prev = root.__dict__.get("forward")
+    if prev is not None:  # e.g. TRL's add_fused_lm_head: kept, and called for everything but the chunked loss
+        setattr(root, _PREV, prev)
     root.forward = types.MethodType(_chunked_forward, root)
     state["loss_hooks"] = [root.base_model.register_forward_hook(_capture_hook)]
 
@@ -236,6 +260,9 @@ def remove_chunked_loss(root, state: dict) -> None:
         h.remove()
     if _is_chunked_forward(root.__dict__.get("forward")):
         del root.forward
+        prev = root.__dict__.pop(_PREV, None)
+        if prev is not None:
+            root.forward = prev
 
 
 def resolve_loss_options(root, chunked_loss, loss_chunk_tokens) -> str | None:
@@ -243,9 +270,16 @@ def resolve_loss_options(root, chunked_loss, loss_chunk_tokens) -> str | None:
     (``"chunked"`` | ``"liger"`` | ``None`` = stock), else a ValueError naming the option or what is missing."""
     check_chunk_size(loss_chunk_tokens, "loss_chunk_tokens")
     device = next((p.device for p in root.parameters()), torch.device("cpu"))
-    impl = resolve_chunked_loss(chunked_loss, device)
+    # "auto" is resolved per forward, on the device the batch runs on (Trainer moves the model after patching)
+    impl = "auto" if chunked_loss == "auto" else resolve_chunked_loss(chunked_loss, device)
     if impl is not None:
-        check_chunked_loss_model(root)
+        try:
+            check_chunked_loss_model(root)
+        except ValueError as e:
+            if chunked_loss != "auto":
+                raise
+            logger.warning("anchorcontext: chunked_loss='auto' keeps the stock loss for %s: %s", type(root).__name__, e)
+            return None
     return impl
 
 

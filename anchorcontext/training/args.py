@@ -24,6 +24,7 @@ from typing import Any
 
 from ..attention.registry import backend_choices, backend_help, check_backend
 from ..layout import check_mask
+from ..loss import DEFAULT_CHUNK_SIZE, check_chunk_size
 from ..packing import check_positions
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -184,11 +185,33 @@ class AnchorArguments:
     mask: str = field(default="anchor", metadata={"help": "anchor | intra_doc | full"})
     positions: str = field(default="continuous", metadata={"help": "continuous | reset"})
     attn_backend: str = field(default="auto", metadata={"help": backend_help(), "choices": backend_choices()})
+    chunked_loss: str = field(
+        default="auto", metadata={
+            "help": "the loss from the final hidden states in chunks, never the (L, vocab) logits: auto (Liger-Kernel's "
+                    "fused linear CE on CUDA when importable, else anchorcontext's; stock when the model cannot) | "
+                    "true | false (the stock HF loss) | liger", "nargs": "?", "const": "true"})
+    loss_chunk_tokens: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked loss"})
 
     def __post_init__(self):
         check_mask(self.mask)
         check_positions(self.positions)
         check_backend(self.attn_backend, "attn_backend")
+        self.chunked_loss = parse_chunked_loss(self.chunked_loss)
+        check_chunk_size(self.loss_chunk_tokens, "loss_chunk_tokens")
+
+
+_CHUNKED_LOSS_WORDS = {"true": True, "yes": True, "on": True, "1": True, "chunked": True,
+                       "false": False, "no": False, "off": False, "0": False, "auto": "auto", "liger": "liger"}
+
+
+def parse_chunked_loss(value):
+    """``--chunked_loss`` / a recipe's ``chunked_loss:`` -> ``patch_model``'s value (True | False | "auto" |
+    "liger"); YAML booleans and the words true/false/yes/no/on/off/1/0/chunked/auto/liger (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _CHUNKED_LOSS_WORDS:
+        return _CHUNKED_LOSS_WORDS[value.strip().lower()]
+    raise ValueError(f"chunked_loss must be auto, true, false or liger, got {value!r}")
 
 
 @dataclass(kw_only=True)

@@ -221,7 +221,8 @@ def _run(margs, dargs, aargs, rargs, training_args, callbacks) -> dict:
     rope_warning = check_rope_range(model.config, dargs.seq_len)
     # one checkpoint: the weights plus Adam's two moments, in the weights' dtype or float32
     check_output_dir(out, resume, True, model_bytes=sum(p.numel() * (p.element_size() + 8) for p in model.parameters()))
-    patch_model(model, backend=aargs.attn_backend)
+    patch_model(model, backend=aargs.attn_backend, chunked_loss=aargs.chunked_loss,
+                loss_chunk_tokens=aargs.loss_chunk_tokens)
     if rargs.sp_size > 1:
         try:
             from ..parallel import configure_sequence_parallel
