@@ -320,7 +320,8 @@ def test_run_options_live_apart_from_the_anchor_options():
     from anchorcontext.training.args import known_keys
 
     keys = known_keys()
-    assert {k for k, v in keys.items() if v == "AnchorArguments"} == {"mask", "positions", "attn_backend"}
+    assert {k for k, v in keys.items() if v == "AnchorArguments"} == {"mask", "positions", "attn_backend", "chunked_loss",
+                                                                          "loss_chunk_tokens"}
     for name in ("sp_size", "tokens_per_step", "eval_before_after", "eval_tasks", "eval_lengths", "eval_samples",
                  "plots", "dry_run", "overwrite_output_dir", "threads"):
         assert keys[name] == "RunArguments", name

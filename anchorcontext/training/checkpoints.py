@@ -68,6 +68,8 @@ RESUME_MAY_DIFFER = {
     "eval_tasks", "eval_lengths", "eval_samples", "logging_steps", "logging_dir", "report_to", "run_name",
     "disable_tqdm", "save_steps", "save_total_limit", "dataloader_num_workers", "per_device_eval_batch_size",
     "eval_steps", "eval_strategy", "hub_token", "push_to_hub", "max_eval_rows", "local_rank",
+    # the loss path: the same loss and gradients (within float rounding), a memory choice
+    "chunked_loss", "loss_chunk_tokens",
 }
 
 
