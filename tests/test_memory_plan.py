@@ -104,10 +104,10 @@ def test_chunked_loss_drops_the_logits_term():
     chunked = plan_memory(chunked_loss=True, loss_chunk_tokens=1024, **kw)
     T, V = 131072 // 8, LLAMA3.vocab_size
     assert stock.components["loss (stock)"] == T * V * (2 + 12)
-    # ZeRO-3's head is a partitioned parameter: per-chunk checkpointed cross-entropy (stock bytes on one chunk) +
-    # the hidden-state gradient assembled from the chunks
+    # ZeRO-3's head is a partitioned parameter: per-chunk checkpointed cross-entropy (12 fp32 bytes per element of
+    # one chunk + the bf16 cast), one chunk's head-weight gradient, the hidden-state gradient assembled from the chunks
     assert "loss (stock)" not in chunked.components
-    assert chunked.components["loss (chunked)"] == 1024 * V * 14 + 2 * T * 4096 * 2
+    assert chunked.components["loss (chunked)"] == 1024 * V * (12 + 2) + V * 4096 * 2 + 2 * T * 4096 * 2
     def loss_phase(p, loss_key):  # ZeRO-3: the gradient buffer is persistent, live in the loss's phase too
         c = p.components
         return c["weights"] + c["gradients"] + c["optimizer state"] + c["activations (saved)"] + c[loss_key]
