@@ -21,8 +21,19 @@ Conventions and assumptions (Llama-like decoder: RMSNorm, GQA attention with RoP
   layer's saved set and adds its gradient working set.
 * Loss path: stock HF ``ForCausalLMLoss`` keeps the logits in the compute dtype, upcasts them to fp32, keeps the
   fp32 log-softmax, and at its backward holds the incoming and outgoing fp32 gradients: ``(a + 12)`` bytes per
-  token and vocabulary entry (measured on CPU, fp32: 16 bytes = 4 x the fp32 logits). A chunked loss holds the same
-  per token for ``loss_chunk_tokens`` tokens at a time and never the whole ``(T, V)`` logits.
+  token and vocabulary entry (measured on CPU, fp32: 16 bytes = 4 x the fp32 logits). The chunked loss
+  (:mod:`anchorcontext.loss`) never holds the whole ``(T, V)`` logits; ``c = min(loss_chunk_tokens, T)``:
+
+  - a plain ``nn.Linear`` head (engine ``ddp``) runs the fused Function, which computes the gradients in its
+    forward: float32 logits and one ``logsumexp`` temporary of one chunk, plus the previous chunk's gradient while
+    the next chunk's logits are made (8 bytes per chunk element with one chunk, 12 with several), a float32
+    ``grad_W (V, h)`` and ``grad_h (T, h)`` held from the loss forward to its backward, whose scaling copies them
+    once more (``2 T h a + V h (8, or 8 + a when the weights are 16-bit)``): the larger of the two phases counts;
+  - a head that is not a plain ``nn.Linear`` (ZeRO-3's partitioned parameter, FSDP2's wrapped module) runs
+    per-chunk checkpointed cross-entropy: the recompute of one chunk keeps no logits (the fp32 log-softmax and, in
+    its backward, two fp32 gradients: 12 bytes per element, + ``a`` for the cast back to a 16-bit head), one chunk's
+    head-weight gradient (``V h a``) and the hidden-state gradient assembled from the chunks (``2 T h a``); measured
+    on CPU, fp32, 8192 tokens x 49,152, chunk 2048: 12.6 bytes per element besides the weight gradient.
 * Peak: weights, optimizer state and persistent gradient buffers (DDP's, ZeRO-3's) are live throughout. The
   backward has a loss phase (every layer's saved tensors + the loss's buffers, no decoder ``.grad`` yet) and one
   phase per decoder layer (the loss freed; the layers not yet processed still hold their saved tensors, the
@@ -339,13 +350,24 @@ def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_s
         notes.append("ulysses: all-to-all buffers of q, k, v, o for one layer")
     comp["attention workspace"] = attn_saved + attn_layer
 
-    loss_tok = min(loss_chunk_tokens, T) if chunked_loss else T
-    loss = loss_tok * V * (a + 12)
-    comp["loss (chunked)" if chunked_loss else "loss (stock)"] = loss
     if chunked_loss:
-        notes.append(f"loss (chunked): {loss_tok} tokens x vocab {V} at a time, same bytes per element as stock "
-                     "(an estimate: the chunked loss's measured peak is validated separately)")
+        ct = min(loss_chunk_tokens, T)
+        if engine == "ddp":  # fused linear cross-entropy (anchorcontext.loss.chunked_linear_cross_entropy)
+            fwd = ct * V * (12 if T > ct else 8) + T * h * a + 4 * V * h
+            bwd = 2 * T * h * a + V * h * (8 + (a if a != 4 else 0))
+            loss = max(fwd, bwd)
+            notes.append(f"loss (chunked, fused): {ct} tokens x vocab {V} fp32 logits at a time "
+                         f"({12 if T > ct else 8} bytes per element) + fp32 grad_W and grad_h held until its "
+                         f"backward ({'forward' if fwd >= bwd else 'backward'} phase larger)")
+        else:  # per-chunk checkpointed head (anchorcontext.loss.chunked_module_cross_entropy)
+            loss = ct * V * (12 + (a if a != 4 else 0)) + V * h * a + 2 * T * h * a
+            notes.append(f"loss (chunked, per-chunk checkpointed head under {engine}): {ct} tokens x vocab {V} at a "
+                         "time (the recompute keeps no logits: fp32 log-softmax and 2 fp32 gradients), one chunk's "
+                         "head-weight gradient, + the assembled hidden-state gradient")
+        comp["loss (chunked)"] = loss
     else:
+        loss = T * V * (a + 12)
+        comp["loss (stock)"] = loss
         notes.append(f"loss (stock): logits {T} x {V} in the compute dtype + fp32 upcast/log-softmax + 2 fp32 grads")
     # The backward's phases. Loss: every layer's saved tensors, the final norm and the loss buffers are live, no
     # decoder gradient exists yet (but the persistent buffers). Then layer k (nl-1 down to 0): the loss is freed,

@@ -2,29 +2,32 @@
 # One-shot GPU check for a lent H100/H200 (the `device` tool): environment, GPU tests (tests/gpu, incl. the
 # DeepSpeed Ulysses test_sp_gpu.py), the attention-kernel benchmark (L = 8K..128K; full/intra_doc/anchor x varlen
 # K/V gather vs gather-free LSE merge), the training-step benchmark (~1.1B Llama, bf16, gather and merge), the
+# chunked vs stock loss (SmolLM2-135M widths, 30 layers, bf16, L = 16K..128K: peak memory and step time), the
 # FlexAttention kernel_options variants, then a summary. Installs nothing and needs no network; the project runs
 # from the checkout (PYTHONPATH=$PWD). Every stage has its own `timeout` inside a global budget (stages run in
 # order of importance; the last ones get what is left), and logs go to $OUT even when a stage fails. At most
 # 8 files land in $OUT:
 #
 #   env.txt (incl. carried-wheel install)  pytest_gpu.log  attention_cuda.json (varlen and flex rows)
-#   attention_cuda.log  train_step_cuda.json  train_step_merge_cuda.json  train_step_cuda.log  summary.txt
+#   attention_cuda.log  train_step_cuda.json (the merge run under "merge_run")  loss_memory_cuda.json
+#   train_step_cuda.log (train step and loss stages)  summary.txt
 #
 # Usage (device machine, repository root):   bash scripts/gpu_check.sh
 # CPU dry run with tiny sizes (checks the script end to end here):
 #   bash scripts/gpu_check.sh --dry-run        (or GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh)
 # Knobs: OUT (default ./gpu_check_out), PYTHON (default: the first of python, python3, .venv/bin/python that
 # imports torch), GPU_CHECK_BUDGET_S (total seconds, default 530); per stage GPU_PYTEST_S, GPU_ATT_S, GPU_TRAIN_S,
-# GPU_TRAIN_MERGE_S, GPU_FLEX_S, GPU_FLEX_INTRA_S (seconds), GPU_PYTEST_ARGS (default tests/gpu), GPU_ATT_LENGTHS (default
-# 8192,16384,32768,65536,131072), GPU_FLEX_LENGTHS (default 65536,8192), GPU_TRAIN_LENGTHS (default
-# "65536 32768 8192"), GPU_TRAIN_MERGE_LENGTHS (default "65536 8192"), GPU_TRAIN_EXTRA (more train_step flags).
+# GPU_TRAIN_MERGE_S, GPU_LOSS_S, GPU_FLEX_S, GPU_FLEX_INTRA_S (seconds), GPU_PYTEST_ARGS (default tests/gpu),
+# GPU_ATT_LENGTHS (default 8192,16384,32768,65536,131072), GPU_FLEX_LENGTHS (default 65536,8192), GPU_TRAIN_LENGTHS
+# (default "65536 32768 8192"), GPU_TRAIN_MERGE_LENGTHS (default "65536 8192"), GPU_TRAIN_EXTRA (more train_step
+# flags), GPU_LOSS_LENGTHS (default "16384 32768 65536 131072"), GPU_LOSS_OVERHEAD_L (default 16384; 0 = off).
 set -u -o pipefail
 
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -85,6 +88,8 @@ if [[ "$DRY" == "1" ]]; then
   GPU_FLEX_LENGTHS=256
   TRAIN_ARGS=(--preset tiny --device cpu --lengths 256 128 --repeats 2 --warmup 1 --threads 1)
   TRAIN_MERGE_ARGS=()
+  LOSS_ARGS=(--preset cpu --layers 1 --lengths 512 --loss-chunk-tokens 128 --overhead 256 --overhead-repeats 1
+             --threads 1 --time-cap-s 120)
   echo "# gpu_check DRY RUN on CPU with tiny sizes (python: $PYTHON)"
 else
   DEVICE=cuda; DTYPE=bfloat16
@@ -98,6 +103,10 @@ else
               --backends varlen --masks anchor intra_doc ${GPU_TRAIN_EXTRA:-})
   TRAIN_MERGE_ARGS=(--preset gpu-1b --device cuda --lengths ${GPU_TRAIN_MERGE_LENGTHS:-65536 8192} --repeats 2
                     --warmup 1 --backends varlen --masks anchor --stock false --matmul_rate false --flex_check false)
+  # SmolLM2-135M widths, 30 layers, bf16, 8 documents per row; each (L, loss) in its own process, shortest first (a
+  # loss that runs out of memory is not tried longer); the JSON is rewritten after every row
+  LOSS_ARGS=(--preset cuda --lengths ${GPU_LOSS_LENGTHS:-16384 32768 65536 131072}
+             --overhead "${GPU_LOSS_OVERHEAD_L:-16384}" --overhead-repeats 4 --time-cap-s 120)
 fi
 
 # ------------------------------------------------------------------------------- 0. carried wheels
@@ -183,13 +192,29 @@ run_stage train_step "${GPU_TRAIN_S:-120}" "$OUT/train_step_cuda.log" "$PYTHON" 
 if (( ${#TRAIN_MERGE_ARGS[@]} )); then
   export ANCHORCONTEXT_VARLEN_IMPL=merge
   run_stage train_step_merge "${GPU_TRAIN_MERGE_S:-45}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/train_step.py \
-    "${TRAIN_MERGE_ARGS[@]}" --out "$OUT/train_step_merge_cuda.json" --png "$TMPD/train_step_merge_cuda.png"
+    "${TRAIN_MERGE_ARGS[@]}" --out "$TMPD/train_step_merge_cuda.json" --png "$TMPD/train_step_merge_cuda.png"
   unset ANCHORCONTEXT_VARLEN_IMPL
+  # the 8-file limit: the merge run goes into train_step_cuda.json, under "merge_run"
+  "$PYTHON" - "$OUT/train_step_cuda.json" "$TMPD/train_step_merge_cuda.json" >>"$OUT/train_step_cuda.log" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+
+main, merge = Path(sys.argv[1]), Path(sys.argv[2])
+if merge.exists():
+    doc = json.loads(main.read_text()) if main.exists() else {"results": []}
+    doc["merge_run"] = json.loads(merge.read_text())
+    main.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"# merge run folded into {main} (key merge_run)")
+EOF
 else
   STATUS+=("train_step_merge: skipped (dry run: no varlen kernel on CPU)")
 fi
 
-# ------------------------------------------------ 5. FlexAttention kernel_options variants (compile-heavy: last)
+# ------------------------------------- 5. chunked vs stock loss: peak memory and step time by row length (issue 22)
+run_stage loss_memory "${GPU_LOSS_S:-150}" "$OUT/train_step_cuda.log" "$PYTHON" benchmarks/loss_memory.py \
+  "${LOSS_ARGS[@]}" --out "$OUT/loss_memory_cuda.json"
+
+# ------------------------------------------------ 6. FlexAttention kernel_options variants (compile-heavy: last)
 # anchor: default, LSE merge on the intra_doc mask, ROWS_GUARANTEED_SAFE, 64x64 blocks, FA4 (BACKEND=FLASH);
 # intra_doc: default, BLOCKS_ARE_CONTIGUOUS
 # one process per length (a stage cut by the budget loses only its own length), 64K first: the goal length
@@ -207,7 +232,7 @@ run_stage flex_intra_doc "${GPU_FLEX_INTRA_S:-60}" "$OUT/attention_cuda.log" "$P
 "$PYTHON" scripts/merge_bench_json.py "$OUT/attention_cuda.json" "${FLEX_JSONS[@]}" \
   "$TMPD/attention_flex_intra_doc.json" >>"$OUT/attention_cuda.log" 2>&1
 
-# ------------------------------------------------------------------------------------------ 5. summary
+# ------------------------------------------------------------------------------------------ 7. summary
 {
   echo "# gpu_check summary ($(( SECONDS - T0 ))s of ${BUDGET}s budget, dry_run=$DRY, device=$DEVICE, dtype=$DTYPE)"
   for s in "${STATUS[@]}"; do echo "stage $s"; done
@@ -271,12 +296,13 @@ def attention():
             print(f"{L:6d} {b:12} anchor/intra_doc {anchors[(L, b)] / intra[(L, b)]:5.3f}")
 
 
-def train(name="train_step_cuda.json", label=""):
+def train(name="train_step_cuda.json", label="", key=None):
     p = out / name
-    if not p.exists():
+    t = json.loads(p.read_text()) if p.exists() else {}
+    t = t.get(key) if key else t
+    if not t or "config" not in t:
         print(f"\ntraining step{label}: no results")
         return
-    t = json.loads(p.read_text())
     mr = t.get("matmul_rate") or {}
     c = t["config"]
     print(f"\ntraining step{label} ({c['n_params'] / 1e6:.0f}M params, {c['dtype']}, grad_ckpt={c['grad_ckpt']}; "
@@ -299,8 +325,30 @@ def train(name="train_step_cuda.json", label=""):
               + f"; graphs compiled while layouts changed at fixed L: {fx['dynamo_graphs_compiled_during_timed_steps']}")
 
 
+def loss_memory():
+    p = out / "loss_memory_cuda.json"
+    if not p.exists():
+        print("\nchunked vs stock loss: no results")
+        return
+    d = json.loads(p.read_text())
+    print("\nchunked vs stock loss (SmolLM2-135M widths; peak = max allocated in the step; step = fwd + bwd):")
+    print(f"{'L':>6} {'layers':>6} {'loss':8} {'status':>14} {'peak GiB':>8} {'planned':>8} {'step s':>7}")
+    for r in d.get("results", []):
+        c = r["config"]
+        peak = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**30
+        print(f"{c['L']:6d} {c['layers']:6d} {c['loss']:8} {r['status'][:14]:>14} {f(peak, '8.2f')} "
+              f"{r['planned_bytes'] / 2**30:8.2f} {f(r.get('step_s'), '7.3f')}")
+    for o in d.get("overhead", []):
+        if o.get("status") == "ok":
+            print(f"overhead at L={o['config']['L']}: chunked / stock step time {o['median_ratio']:.3f} (median of "
+                  f"{len(o['round_ratios'])} rounds; goal <= 1.05)")
+        else:
+            print(f"overhead at L={o['config']['L']}: {o.get('status')} {str(o.get('error'))[-200:]}")
+
+
 for fn in (env, attention, train,
-           lambda: train("train_step_merge_cuda.json", " with ANCHORCONTEXT_VARLEN_IMPL=merge (x stock: not run here)")):
+           lambda: train(label=" with ANCHORCONTEXT_VARLEN_IMPL=merge (x stock: not run here)", key="merge_run"),
+           loss_memory):
     section(fn)
 EOF
 } 2>&1 | tee "$OUT/summary.txt"

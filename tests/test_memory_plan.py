@@ -104,13 +104,36 @@ def test_chunked_loss_drops_the_logits_term():
     chunked = plan_memory(chunked_loss=True, loss_chunk_tokens=1024, **kw)
     T, V = 131072 // 8, LLAMA3.vocab_size
     assert stock.components["loss (stock)"] == T * V * (2 + 12)
-    assert "loss (stock)" not in chunked.components and chunked.components["loss (chunked)"] == 1024 * V * 14
+    # ZeRO-3's head is a partitioned parameter: per-chunk checkpointed cross-entropy (12 fp32 bytes per element of
+    # one chunk + the bf16 cast), one chunk's head-weight gradient, the hidden-state gradient assembled from the chunks
+    assert "loss (stock)" not in chunked.components
+    assert chunked.components["loss (chunked)"] == 1024 * V * (12 + 2) + V * 4096 * 2 + 2 * T * 4096 * 2
     def loss_phase(p, loss_key):  # ZeRO-3: the gradient buffer is persistent, live in the loss's phase too
         c = p.components
         return c["weights"] + c["gradients"] + c["optimizer state"] + c["activations (saved)"] + c[loss_key]
 
     assert stock.total == loss_phase(stock, "loss (stock)")  # 128K, stock: the loss's phase is the peak
     assert loss_phase(chunked, "loss (chunked)") <= chunked.total < stock.total - (T - 1024) * V * 14 // 2
+
+
+def test_chunked_loss_fused_path_hand_computed():
+    """A plain nn.Linear head (DDP) runs the fused Function (anchorcontext.loss): fp32 logits and one temporary per
+    chunk, the previous chunk's gradient beside the next one's logits, fp32 grad_W (V, h) and grad_h (T, h) kept
+    for the backward, which copies them once more; the larger phase counts."""
+    smol = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M"]
+    h, V = 576, 49152
+    kw = dict(model=smol, engine="ddp", chunked_loss=True, **CPU)
+    fp32 = dict(param_dtype="float32", mixed_precision="no")
+    assert plan_memory(seq_len=8192, loss_chunk_tokens=2048, **fp32, **kw).components["loss (chunked)"] == (
+        2048 * V * 12 + 8192 * h * 4 + 4 * V * h)  # several chunks
+    assert plan_memory(seq_len=2048, loss_chunk_tokens=8192, **fp32, **kw).components["loss (chunked)"] == (
+        2048 * V * 8 + 2048 * h * 4 + 4 * V * h)  # one chunk
+    small_vocab = ModelDims(hidden_size=h, intermediate_size=1536, num_layers=2, num_heads=9, num_kv_heads=3,
+                            vocab_size=512, head_dim=64)
+    T = 65536  # bf16 weights, a long row and a small vocabulary: grad_h and the backward's copies dominate
+    c = plan_memory(model=small_vocab, seq_len=T, loss_chunk_tokens=2048, engine="ddp", chunked_loss=True,
+                    param_dtype="bfloat16", mixed_precision="no", **CPU).components
+    assert c["loss (chunked)"] == 2 * T * h * 2 + 512 * h * (8 + 2)
 
 
 def test_varlen_gather_kept_per_layer_without_checkpointing():
@@ -231,6 +254,10 @@ def test_committed_cpu_validation_matches_the_current_plan():
         assert estimate(r["config"]).total == r["estimated_bytes"], r["config"]
     for r in result["stock_loss_alone"]:
         assert abs(r["bytes_per_token_and_vocab"] - 16) < 0.05 * 16
+    assert any(r["config"].get("chunked") for r in result["results"])
+    assert {r["path"] for r in result["chunked_loss_alone"]} == {"fused", "module"}
+    for r in result["chunked_loss_alone"]:  # the loss term alone, against what anchorcontext/loss.py allocates
+        assert abs(r["relative_error"]) <= 0.15, r
 
 
 def test_dry_run_of_a_hub_id_offline_uses_the_known_dims(monkeypatch, capsys):
