@@ -297,3 +297,80 @@ def test_eval_under_no_grad_gives_the_stock_loss():
         out = model(input_ids=ids, labels=labels, attention_mask=mask)
     assert out.logits is None and not out.loss.requires_grad
     torch.testing.assert_close(out.loss, ref, rtol=RTOL, atol=ATOL)
+
+
+class _DoubledLogits(transformers.LlamaForCausalLM):
+    """A family with a logit post-processing anchorcontext does not know (logits * 2, as Muse Glimmer's
+    output multiplier or MiniCPM's width scaling would be)."""
+
+    def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+        out = super().forward(input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        if out.logits is not None:
+            out.logits = out.logits * 2
+        return out
+
+
+def test_an_unknown_logit_transform_is_refused_at_the_first_forward_never_silently_wrong(caplog):
+    model = ac.patch_model(_DoubledLogits(_family("llama").config), chunked_loss=True, loss_chunk_tokens=5)
+    ids, labels, mask = _batch()
+    with pytest.raises(ValueError, match=r"does not reproduce the model's own logits.*chunked_loss=False"):
+        model(input_ids=ids, labels=labels, attention_mask=mask)
+    auto = ac.patch_model(_DoubledLogits(_family("llama").config), chunked_loss="auto")
+    with caplog.at_level("WARNING", logger="anchorcontext"):
+        out = auto(input_ids=ids, labels=labels, attention_mask=mask)
+    assert "keeps the stock loss for _DoubledLogits" in caplog.text
+    assert out.logits is not None and not loss_hook.uses_chunked_loss(auto)  # the stock loss, from now on
+
+
+def test_moe_router_aux_loss_is_added_as_stock_adds_it():
+    cfg = transformers.MixtralConfig(**config_kwargs(num_local_experts=4, num_experts_per_tok=2,
+                                                     output_router_logits=True, router_aux_loss_coef=0.5))
+    torch.manual_seed(0)
+    stock = transformers.MixtralForCausalLM(cfg).train()
+    model = ac.patch_model(copy.deepcopy(stock), chunked_loss=True, loss_chunk_tokens=5)
+    ids, labels, mask = _batch()
+    ref = stock(input_ids=ids, labels=labels, attention_mask=mask)
+    assert ref.aux_loss is not None and float(ref.aux_loss) > 0
+    ref.loss.backward()
+    out = model(input_ids=ids, labels=labels, attention_mask=mask)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=RTOL, atol=ATOL)
+    _assert_same_grads(stock, model)
+
+
+def _zoo_model(model_type):
+    from anchorcontext import zoo
+
+    cls = dict(zoo.causal_lm_classes())[model_type]
+    torch.manual_seed(0)
+    return zoo.build(model_type, cls).eval()  # dropout off (OPT's config has it); gradients still flow
+
+
+def test_a_causal_lm_that_calls_its_decoder_directly_equals_stock():
+    """OPTForCausalLM calls ``self.model.decoder``, not its base model: the hidden states are taken from the
+    decoder (the zoo caught the first version raising here)."""
+    stock = _zoo_model("opt")
+    model = ac.patch_model(copy.deepcopy(stock), chunked_loss=True, loss_chunk_tokens=5)
+    ids, labels, mask = _batch(vocab=stock.config.vocab_size)
+    ref = stock(input_ids=ids, labels=labels, attention_mask=mask)
+    ref.loss.backward()
+    out = model(input_ids=ids, labels=labels, attention_mask=mask)
+    out.loss.backward()
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=RTOL, atol=ATOL)
+    _assert_same_grads(stock, model)
+
+
+def test_layers_between_the_decoder_and_the_head_are_refused_by_name(caplog):
+    """ElectraForCausalLM runs a dense + LayerNorm between its decoder and its head (64 -> 128 features): a named
+    ValueError for chunked_loss=True, the stock loss (with a warning) for "auto"; never a shape error."""
+    model = ac.patch_model(_zoo_model("electra"), chunked_loss=True)
+    ids, labels, mask = _batch(vocab=model.config.vocab_size)
+    with pytest.raises(ValueError, match=r"has 64 features but the output head of ElectraForCausalLM takes 128"):
+        model(input_ids=ids, labels=labels, attention_mask=mask)
+    stock = _zoo_model("electra")
+    auto = ac.patch_model(copy.deepcopy(stock), chunked_loss="auto")
+    with caplog.at_level("WARNING", logger="anchorcontext"):
+        out = auto(input_ids=ids, labels=labels, attention_mask=mask)
+    assert "keeps the stock loss for ElectraForCausalLM" in caplog.text and out.logits is not None
+    torch.testing.assert_close(out.loss, stock(input_ids=ids, labels=labels, attention_mask=mask).loss)

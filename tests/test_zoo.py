@@ -35,6 +35,13 @@ def test_every_causal_lm_is_exact_or_refused(results):
             assert r.worst is not None and r.worst <= zoo.TOL, (t, r.worst)
         elif r.status == zoo.STATUS_REFUSED:
             assert r.reason.startswith(("ValueError", "at the first anchor forward: ValueError")), (t, r.reason)
+    # the chunked loss on every exact family: equal to the stock loss, or refused by name; never accepted and wrong
+    loss_wrong = {t: r.loss for t, r in results.items() if r.status == zoo.STATUS_EXACT
+                  and not r.loss.startswith(("exact ", "refused: ValueError"))}
+    assert not loss_wrong, f"chunked loss accepted and not equal to stock: {loss_wrong}"
+    assert all(not r.loss for r in results.values() if r.status != zoo.STATUS_EXACT)
+    for t in ("llama", "qwen2", "gemma2", "gemma3_text", "cohere", "granite", "mixtral", "qwen3_moe"):
+        assert results[t].loss.startswith("exact "), (t, results[t].loss)
     # the families the rest of the suite tests in depth are among the exact ones, and the zoo is mostly built
     for t in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"):
         assert results[t].status == zoo.STATUS_EXACT, (t, results[t].reason)
@@ -50,7 +57,11 @@ def test_support_table_is_current(results):
     if version != transformers.__version__:
         pytest.skip(f"docs/models.md was made with transformers {version}, this is {transformers.__version__}: "
                     "regenerate it with `python -m anchorcontext.zoo --write docs/models.md`")
-    fresh = {t: (r.status, zoo._cell(r.reason)) for t, r in results.items()}
+    def key(status, loss, reason):  # the figures may differ between CPUs; the verdicts may not
+        return status, loss.split(" ")[0] if loss.startswith("exact ") else loss, reason
+
+    fresh = {t: key(r.status, zoo._cell(r.loss), zoo._cell(r.reason)) for t, r in results.items()}
+    rows = {t: key(*row) for t, row in rows.items()}
     stale = {t: (rows.get(t), now) for t, now in fresh.items() if rows.get(t) != now}
     stale.update({t: (row, None) for t, row in rows.items() if t not in fresh})
     assert not stale, (f"{path.name} is out of date for {sorted(stale)} (table, fresh): {stale}; regenerate it "
@@ -58,10 +69,11 @@ def test_support_table_is_current(results):
 
 
 def test_table_round_trips():
-    r = [zoo.ZooResult("a", "A", zoo.STATUS_EXACT, 1e-7), zoo.ZooResult("b", "B", zoo.STATUS_REFUSED, None, "x | y")]
+    r = [zoo.ZooResult("a", "A", zoo.STATUS_EXACT, 1e-7, loss="exact 3e-07"),
+         zoo.ZooResult("b", "B", zoo.STATUS_REFUSED, None, "x | y")]
     version, rows = zoo.read_table(zoo.table(r))
     assert version == transformers.__version__
-    assert rows == {"a": ("exact", ""), "b": ("refused", "x \\| y")}
+    assert rows == {"a": ("exact", "exact 3e-07", ""), "b": ("refused", "", "x \\| y")}
 
 
 def _tiny(model_type):

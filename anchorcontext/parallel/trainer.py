@@ -54,7 +54,10 @@ class SequenceParallelLossMixin:
         if uses_chunked_loss(self.accelerator.unwrap_model(model)):
             with summed_loss():  # this rank's summed token loss, chunked: its shard's logits never exist
                 outputs = model(**inputs, shift_labels=shift_labels)
-            loss, _, _ = sp_loss_from_sum(outputs.loss, shift_labels, **opts)
+            if outputs.logits is None:
+                loss, _, _ = sp_loss_from_sum(outputs.loss, shift_labels, **opts)
+            else:  # chunked_loss="auto" refused this model on its first call: the stock forward ran, with logits
+                loss, _, _ = sp_causal_lm_loss(outputs.logits, shift_labels, **opts)
         else:
             outputs = model(**inputs)  # no labels: the model computes no loss of its own
             loss, _, _ = sp_causal_lm_loss(outputs.logits, shift_labels, **opts)

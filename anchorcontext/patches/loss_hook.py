@@ -142,6 +142,39 @@ def check_chunked_loss_model(root) -> None:
         raise ValueError(f"chunked_loss: {type(root).__name__}.get_output_embeddings() is None; patch with "
                          "chunked_loss=False")
     _head_path(head)
+    _decoders(root)
+
+
+def _head_mismatch(root, hidden, logits) -> str | None:
+    """Why ``transform(head(hidden))`` does not reproduce the model's own ``logits`` of the same positions
+    (``(B, 1, H)`` and ``(B, 1, V)``), or ``None``: the first-call check of the chunked loss."""
+    if logits is None or tuple(logits.shape[:2]) != tuple(hidden.shape[:2]):
+        return (f"{type(root).__name__}.forward did not return the logits asked for with logits_to_keep (got "
+                f"{None if logits is None else tuple(logits.shape)})")
+    scale, softcap = _logit_transform(root)
+    head = root.get_output_embeddings()
+    width = getattr(head, "in_features", None)
+    if width is not None and width != hidden.shape[-1]:
+        return (f"the decoder's last hidden state has {hidden.shape[-1]} features but the output head of "
+                f"{type(root).__name__} takes {width}: the family has layers between its decoder and its head")
+    with torch.no_grad():
+        try:
+            ours = head(hidden).float()
+        except Exception as e:  # a head that needs more than the decoder's output
+            return f"the output head of {type(root).__name__} cannot be applied to the decoder's output ({e})"
+        from ..loss import _transform
+
+        ours, _ = _transform(ours, scale, softcap)
+        theirs = logits.detach().float()
+        err = float((ours - theirs).abs().max())
+        # float32: rounding of one matmul on another batch shape; bf16/fp16: the head's storage rounding
+        bar = (1e-4 if hidden.dtype == torch.float32 else 3e-2) * max(1.0, float(theirs.abs().max()))
+    if err > bar:
+        return (f"the output head of {type(root).__name__} with the logit transform anchorcontext reads (scale "
+                f"{scale}, softcap {softcap}) does not reproduce the model's own logits (max diff {err:.3g}): the "
+                "family transforms the decoder's output or the logits in a way the chunked loss does not know "
+                "(layers between the decoder and the head, as BERT's prediction transform; a logit post-processing)")
+    return None
 
 
 def _capture_hook(module, args, output):
@@ -219,18 +252,38 @@ def _chunked_forward(self, *args, **kwargs):
     if impl == "auto":
         impl = _auto_impl(state, ref.device if torch.is_tensor(ref) else self.get_output_embeddings().weight.device,
                           self)
-    kw["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=getattr(ref, "device", None))
+    # the first call of a model keeps the stock logits of one position per row, to check that the head and the
+    # family's logit transform reproduce them (an unknown post-processing would make every loss silently wrong)
+    probe = None if state.get("head_checked") else max(int(ref.shape[1]) - 1, 0) if torch.is_tensor(ref) else None
+    device = getattr(ref, "device", None)
+    kw["logits_to_keep"] = torch.tensor([] if probe is None else [probe], dtype=torch.long, device=device)
     captured: list = []
     tok = _CAPTURE.set((*_CAPTURE.get(), captured))
     try:
         out = orig(**kw, return_dict=True)
     finally:
         _CAPTURE.reset(tok)
+    why = None
     if not captured:
-        raise RuntimeError(f"chunked_loss: {type(self.base_model).__name__} was not called by "
-                           f"{type(self).__name__}.forward; patch with chunked_loss=False")
-    out.loss = chunked_lm_loss(self, captured[-1], labels, shift_labels=shift, num_items_in_batch=n_items,
+        names = ", ".join(type(m).__name__ for m in _decoders(self))
+        why = f"{names} (the decoder anchorcontext hooks) returned no hidden state to {type(self).__name__}.forward"
+    elif probe is not None:
+        why = _head_mismatch(self, captured[-1][:, probe:probe + 1], out.logits)
+    if why is not None:  # refused on the first call: an error for chunked_loss=True, the stock loss for "auto"
+        if state.get("chunked_loss") != "auto":
+            raise ValueError(f"chunked_loss: {why}; patch with chunked_loss=False (the stock loss)")
+        logger.warning("anchorcontext: chunked_loss='auto' keeps the stock loss for %s: %s", type(self).__name__, why)
+        state["chunked_loss_impl"] = None
+        return orig(*args, **kwargs)
+    state["head_checked"] = True
+    hidden = captured[-1]
+    out.loss = chunked_lm_loss(self, hidden, labels, shift_labels=shift, num_items_in_batch=n_items,
                                chunk_size=state["loss_chunk_tokens"], summed=_SUM.get(), impl=impl)
+    aux = getattr(out, "aux_loss", None)  # MoE: stock adds <coef> * aux_loss to a loss with labels
+    coef = next((getattr(self, n) for n in ("router_aux_loss_coef", "aux_loss_coef")
+                 if getattr(self, n, None) is not None), None)
+    if aux is not None and coef is not None and not _SUM.get():
+        out.loss = out.loss + coef * aux.to(out.loss.device)
     out.logits = None
     if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
         return out.to_tuple()
@@ -244,6 +297,30 @@ def _is_chunked_forward(f) -> bool:
     return getattr(getattr(f, "__func__", None), "_anchorcontext_chunked", False)
 
 
+def _decoders(root) -> list:
+    """The modules whose output is the decoder's last hidden state: ``root.base_model`` (``root.get_decoder()``
+    when a family's ``base_model_prefix`` names no attribute, e.g. Mllama's text model) and its ``decoder`` child
+    when the causal LM calls that one directly (OPT: ``self.model.decoder``). Whichever runs last wins; the
+    first call checks that the head reproduces the model's logits from it."""
+    base = root.base_model
+    if base is root:
+        get = getattr(root, "get_decoder", None)
+        try:
+            base = get() if callable(get) else None
+        except Exception:
+            base = None
+        if base is None or base is root:
+            base = getattr(root, "model", None)
+    if not isinstance(base, torch.nn.Module) or base is root:
+        raise ValueError(f"chunked_loss: {type(root).__name__} has no decoder module to take the hidden states "
+                         "from (base_model is the model itself); patch with chunked_loss=False")
+    out = [base]
+    child = getattr(base, "decoder", None)
+    if isinstance(child, torch.nn.Module) and child is not root:
+        out.append(child)
+    return out
+
+
 def install_chunked_loss(root, state: dict) -> None:
     """Set ``root.forward`` (an instance attribute: PEFT's ``LoraModel`` calls the causal LM's ``forward``
     directly, bypassing module hooks) and hook its decoder; the options are read from ``state`` per call."""
@@ -252,7 +329,7 @@ def install_chunked_loss(root, state: dict) -> None:
     if prev is not None:  # e.g. TRL's add_fused_lm_head: kept, and called for everything but the chunked loss
         setattr(root, _PREV, prev)
     root.forward = types.MethodType(_chunked_forward, root)
-    state["loss_hooks"] = [root.base_model.register_forward_hook(_capture_hook)]
+    state["loss_hooks"] = [m.register_forward_hook(_capture_hook) for m in _decoders(root)]
 
 
 def remove_chunked_loss(root, state: dict) -> None:
