@@ -33,6 +33,7 @@ import torch
 TOL = 1e-5
 # the chunked loss vs stock: loss and every gradient, relative to the tensor's largest stock value (float32)
 LOSS_TOL = 1e-5
+LOSS_UNCHECKED = "not checked"  # the stock model's own loss fails on the batch (an upstream bug)
 VOCAB = 128
 ANCHOR, PAD, EOS = 1, 0, 2
 # documents per row (row 0 padded by one token): a one-token document, odd lengths, more documents than heads
@@ -217,6 +218,10 @@ def check_model(model) -> float:
     return worst
 
 
+class StockLossFailed(RuntimeError):
+    """The stock model's own loss and backward failed on the anchor batch: nothing to compare the chunked loss with."""
+
+
 def check_chunked_loss(model) -> float:
     """The worst relative difference between ``patch_model(chunked_loss=True)`` and the stock loss on an anchor
     batch with labels: the loss and every parameter gradient, each relative to its largest stock value (MoE families
@@ -234,8 +239,13 @@ def check_chunked_loss(model) -> float:
         for chunked in (False, True):
             ac.patch_model(model, chunked_loss=chunked, loss_chunk_tokens=7)
             model.zero_grad(set_to_none=True)
-            loss = model(**batch).loss
-            loss.backward()
+            try:
+                loss = model(**batch).loss
+                loss.backward()
+            except Exception as e:
+                if chunked:
+                    raise
+                raise StockLossFailed(_short(e, 200)) from e
             runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     ac.patch_model(model)
     (ref, g_ref), (got, g_got) = runs
@@ -316,6 +326,8 @@ def _loss_status(model) -> str:
         worst = check_chunked_loss(model)
     except ValueError as e:
         return f"{STATUS_REFUSED}: {_short(e, 300)}"
+    except StockLossFailed as e:
+        return f"{LOSS_UNCHECKED}: the stock loss itself fails ({e})"
     except Exception as e:
         return f"{STATUS_WRONG}: {_short(e, 300)}"
     return f"{STATUS_EXACT} {worst:.0e}" if worst <= LOSS_TOL else f"{STATUS_WRONG}: relative diff {worst:.3g}"
@@ -370,8 +382,10 @@ def table(results: list[ZooResult]) -> str:
         "fails the test."),
         ("- *chunked loss* (exact families): `patch_model(chunked_loss=True)` on an anchor batch with labels (chunks "
         "of 7 tokens; MoE router aux loss on): **exact** when the loss and every parameter gradient equal the stock "
-        f"HF loss's within {LOSS_TOL:g} of each tensor's largest value (the figure is the worst), **refused** with "
-        "the `ValueError` it raises (then `chunked_loss=\"auto\"` keeps the stock loss for it)."),
+        f"HF loss's within {LOSS_TOL:g} of each tensor's largest value (floored at 1% of the model's largest "
+        "gradient; the figure is the worst), **refused** with the `ValueError` it raises (then "
+        "`chunked_loss=\"auto\"` keeps the stock loss for it), **not checked** when the stock model's own loss "
+        "fails on that batch (nothing to compare with)."),
         ("- **not built**: the generic shrinker cannot build this family tiny (the reason is the error); "
         "its status is unknown, so treat it as unsupported."),
         "",
