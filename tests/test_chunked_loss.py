@@ -125,6 +125,24 @@ def test_model_loss_and_every_gradient_equal_stock(family):
     _assert_same_grads(stock, model)
 
 
+def test_output_holds_no_logits_in_any_view():
+    """``logits=None`` in the attribute, the mapping and the tuple: accelerate's mixed-precision wrapper
+    (``convert_to_fp32``) and DeepSpeed rebuild a ModelOutput from its items, so a stale item would come back
+    (the first call's one-position probe logits, shape (B, 1), reached the SP trainer that way)."""
+    from accelerate.utils import convert_to_fp32
+
+    model = ac.patch_model(_family("llama"), chunked_loss=True, loss_chunk_tokens=5)
+    ids, labels, mask = _batch()
+    for _ in range(2):  # the first call probes the head (keeps one position's logits), the second does not
+        out = model(input_ids=ids, labels=labels, attention_mask=mask)
+        assert out.logits is None and "logits" not in out.keys()
+        assert convert_to_fp32(out).logits is None
+        assert out.to_tuple()[0] is out.loss and all(t is None or t.dim() != 3 for t in out.to_tuple()[1:]
+                                                      if torch.is_tensor(t))
+        tup = model(input_ids=ids, labels=labels, attention_mask=mask, return_dict=False)
+        assert not any(torch.is_tensor(t) and t.dim() == 3 for t in tup)
+
+
 def test_transform_is_read_from_the_family():
     assert loss_hook._logit_transform(_family("cohere")) == (0.25, None)
     assert loss_hook._logit_transform(_family("granite")) == (pytest.approx(1 / 3), None)

@@ -277,14 +277,16 @@ def _chunked_forward(self, *args, **kwargs):
         return orig(*args, **kwargs)
     state["head_checked"] = True
     hidden = captured[-1]
-    out.loss = chunked_lm_loss(self, hidden, labels, shift_labels=shift, num_items_in_batch=n_items,
+    loss = chunked_lm_loss(self, hidden, labels, shift_labels=shift, num_items_in_batch=n_items,
                                chunk_size=state["loss_chunk_tokens"], summed=_SUM.get(), impl=impl)
     aux = getattr(out, "aux_loss", None)  # MoE: stock adds <coef> * aux_loss to a loss with labels
     coef = next((getattr(self, n) for n in ("router_aux_loss_coef", "aux_loss_coef")
                  if getattr(self, n, None) is not None), None)
     if aux is not None and coef is not None and not _SUM.get():
-        out.loss = out.loss + coef * aux.to(out.loss.device)
-    out.logits = None
+        loss = loss + coef * aux.to(loss.device)
+    # a new output, not `out.logits = None`: ModelOutput keeps a None-assigned field's old item, which
+    # accelerate's convert_to_fp32, DeepSpeed and to_tuple() read (the probe's (B, 1) logits came back that way)
+    out = type(out)(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
     if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
         return out.to_tuple()
     return out
