@@ -19,9 +19,11 @@ Conventions and assumptions (Llama-like decoder: RMSNorm, GQA attention with RoP
   ``4 * H``, the MLP's gate, up, SiLU(gate) and product ``4 * a * I``. With gradient checkpointing (one checkpoint
   per decoder layer, HF's) each layer keeps only its input ``a * h``; the backward of one layer recomputes that
   layer's saved set and adds its gradient working set.
-* Loss path: stock HF ``ForCausalLMLoss`` keeps the logits in the compute dtype, upcasts them to fp32, keeps the
-  fp32 log-softmax, and at its backward holds the incoming and outgoing fp32 gradients: ``(a + 12)`` bytes per
-  token and vocabulary entry (measured on CPU, fp32: 16 bytes = 4 x the fp32 logits). The chunked loss
+* Loss path: stock HF ``ForCausalLMLoss`` upcasts the logits to fp32 and keeps the fp32 log-softmax; its backward
+  holds the incoming and outgoing fp32 gradients beside it: 12 bytes per token and vocabulary entry, in bf16 and
+  fp32 alike, because ``Trainer.training_step`` drops the model's output (the logits) before the backward
+  (measured on CPU, logits dropped: 12.1 bytes in fp32 and bf16; held through the backward, as a loop that keeps
+  ``outputs`` does: ``a + 12``, 16.1 / 14.1). The chunked loss
   (:mod:`anchorcontext.loss`) never holds the whole ``(T, V)`` logits; ``c = min(loss_chunk_tokens, T)``:
 
   - a plain ``nn.Linear`` head (engine ``ddp``) runs the fused Function, which computes the gradients in its
@@ -30,10 +32,10 @@ Conventions and assumptions (Llama-like decoder: RMSNorm, GQA attention with RoP
     ``grad_W (V, h)`` and ``grad_h (T, h)`` held from the loss forward to its backward, whose scaling copies them
     once more (``2 T h a + V h (8, or 8 + a when the weights are 16-bit)``): the larger of the two phases counts;
   - a head that is not a plain ``nn.Linear`` (ZeRO-3's partitioned parameter, FSDP2's wrapped module) runs
-    per-chunk checkpointed cross-entropy: the recompute of one chunk keeps no logits (the fp32 log-softmax and, in
-    its backward, two fp32 gradients: 12 bytes per element, + ``a`` for the cast back to a 16-bit head), one chunk's
-    head-weight gradient (``V h a``) and the hidden-state gradient assembled from the chunks (``2 T h a``); measured
-    on CPU, fp32, 8192 tokens x 49,152, chunk 2048: 12.6 bytes per element besides the weight gradient.
+    per-chunk checkpointed cross-entropy: the recompute of one chunk keeps no logits (the stock loss's 12 bytes per
+    element, on one chunk), one chunk's head-weight gradient (``4 V h``) and the hidden-state gradient assembled from
+    the chunks (``2 T h a``); measured alone on CPU, fp32, 8192 tokens x 49,152 in chunks of 2048: 1.327 GiB,
+    4.6% above the plan (benchmarks/results/cpu/memory_plan.json).
 * Peak: weights, optimizer state and persistent gradient buffers (DDP's, ZeRO-3's) are live throughout. The
   backward has a loss phase (every layer's saved tensors + the loss's buffers, no decoder ``.grad`` yet) and one
   phase per decoder layer (the loss freed; the layers not yet processed still hold their saved tensors, the
@@ -360,15 +362,16 @@ def plan_memory(*, model: ModelDims, seq_len: int, micro_batch: int = 1, world_s
                          f"({12 if T > ct else 8} bytes per element) + fp32 grad_W and grad_h held until its "
                          f"backward ({'forward' if fwd >= bwd else 'backward'} phase larger)")
         else:  # per-chunk checkpointed head (anchorcontext.loss.chunked_module_cross_entropy)
-            loss = ct * V * (12 + (a if a != 4 else 0)) + V * h * a + 2 * T * h * a
+            loss = ct * V * 12 + 4 * V * h + 2 * T * h * a
             notes.append(f"loss (chunked, per-chunk checkpointed head under {engine}): {ct} tokens x vocab {V} at a "
                          "time (the recompute keeps no logits: fp32 log-softmax and 2 fp32 gradients), one chunk's "
                          "head-weight gradient, + the assembled hidden-state gradient")
         comp["loss (chunked)"] = loss
     else:
-        loss = T * V * (a + 12)
+        loss = T * V * 12
         comp["loss (stock)"] = loss
-        notes.append(f"loss (stock): logits {T} x {V} in the compute dtype + fp32 upcast/log-softmax + 2 fp32 grads")
+        notes.append(f"loss (stock): {T} x {V} fp32 log-softmax + 2 fp32 grads (the logits leave with the model's "
+                     "output before the backward, as in Trainer)")
     # The backward's phases. Loss: every layer's saved tensors, the final norm and the loss buffers are live, no
     # decoder gradient exists yet (but the persistent buffers). Then layer k (nl-1 down to 0): the loss is freed,
     # layers 0..k still hold their saved tensors S, layers k..nl-1 have their gradients G; linear in k, so the worst
