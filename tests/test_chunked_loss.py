@@ -135,10 +135,10 @@ def test_output_holds_no_logits_in_any_view():
     ids, labels, mask = _batch()
     for _ in range(2):  # the first call probes the head (keeps one position's logits), the second does not
         out = model(input_ids=ids, labels=labels, attention_mask=mask)
-        assert out.logits is None and "logits" not in out.keys()
+        assert out.logits is None and "logits" not in out  # the mapping's keys
         assert convert_to_fp32(out).logits is None
-        assert out.to_tuple()[0] is out.loss and all(t is None or t.dim() != 3 for t in out.to_tuple()[1:]
-                                                      if torch.is_tensor(t))
+        assert out.to_tuple()[0] is out.loss
+        assert not any(torch.is_tensor(t) and t.dim() == 3 for t in out.to_tuple())
         tup = model(input_ids=ids, labels=labels, attention_mask=mask, return_dict=False)
         assert not any(torch.is_tensor(t) and t.dim() == 3 for t in tup)
 
