@@ -113,9 +113,13 @@ def test_core_bf16_error_within_twice_the_stock_bf16_error():
 
 @pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "gemma2", "gemma3", "cohere", "granite"])
 def test_model_loss_and_every_gradient_equal_stock(family):
-    stock = _family(family)
+    _assert_chunked_equals_stock(_family(family))
+
+
+def _assert_chunked_equals_stock(stock):
+    """A deep copy of ``stock`` with the chunked loss (chunks of 5 tokens): loss, logits=None, every gradient."""
     model = ac.patch_model(copy.deepcopy(stock), chunked_loss=True, loss_chunk_tokens=5)
-    ids, labels, mask = _batch()
+    ids, labels, mask = _batch(vocab=stock.config.vocab_size)
     ref = stock(input_ids=ids, labels=labels, attention_mask=mask)
     ref.loss.backward()
     out = model(input_ids=ids, labels=labels, attention_mask=mask)
@@ -367,16 +371,7 @@ def _zoo_model(model_type):
 def test_a_causal_lm_that_calls_its_decoder_directly_equals_stock():
     """OPTForCausalLM calls ``self.model.decoder``, not its base model: the hidden states are taken from the
     decoder (the zoo caught the first version raising here)."""
-    stock = _zoo_model("opt")
-    model = ac.patch_model(copy.deepcopy(stock), chunked_loss=True, loss_chunk_tokens=5)
-    ids, labels, mask = _batch(vocab=stock.config.vocab_size)
-    ref = stock(input_ids=ids, labels=labels, attention_mask=mask)
-    ref.loss.backward()
-    out = model(input_ids=ids, labels=labels, attention_mask=mask)
-    out.loss.backward()
-    assert out.logits is None
-    torch.testing.assert_close(out.loss, ref.loss, rtol=RTOL, atol=ATOL)
-    _assert_same_grads(stock, model)
+    _assert_chunked_equals_stock(_zoo_model("opt"))
 
 
 def test_layers_between_the_decoder_and_the_head_are_refused_by_name(caplog):
