@@ -278,7 +278,7 @@ def _chunked_forward(self, *args, **kwargs):
     state["head_checked"] = True
     hidden = captured[-1]
     loss = chunked_lm_loss(self, hidden, labels, shift_labels=shift, num_items_in_batch=n_items,
-                               chunk_size=state["loss_chunk_tokens"], summed=_SUM.get(), impl=impl)
+                           chunk_size=state["loss_chunk_tokens"], summed=_SUM.get(), impl=impl)
     aux = getattr(out, "aux_loss", None)  # MoE: stock adds <coef> * aux_loss to a loss with labels
     coef = next((getattr(self, n) for n in ("router_aux_loss_coef", "aux_loss_coef")
                  if getattr(self, n, None) is not None), None)
